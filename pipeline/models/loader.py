@@ -1,0 +1,139 @@
+"""The one loader: any preset's weights, from seeded random init, a local folder or a hub id.
+
+A folder is in diffusers' Wan layout (``transformer/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``). Which model it holds is read from ``transformer/config.json`` and matched against
+the known presets' architectures, never guessed from the path's spelling: a folder that matches
+no preset, or another preset than the config asks for, is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from pipeline.config import ConfigError, ModelPreset, SystemConfig, known_presets, load_model_preset
+from pipeline.models.causal_wan import CausalWan
+from pipeline.models.text import BYTE_TOKENIZER_FILE, ByteTokenizer, TextEncoder
+from pipeline.models.vae import StreamingVae
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class Models:
+    preset: ModelPreset
+    dit: CausalWan
+    vae: StreamingVae
+    text: TextEncoder
+    source: str  # where the weights came from: "random(seed=N)", a folder
+
+
+def random_components(preset: ModelPreset) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
+    """The preset's architecture with weights drawn from its seed (same seed, same weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset.seed)
+        transformer = WanTransformer3DModel(**preset.transformer)
+        vae = AutoencoderKLWan(**preset.vae)
+        text = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
+    return transformer, vae, text
+
+
+def save_pretrained(folder: str | Path, transformer: Any, vae: Any, text_encoder: Any, tokenizer: Any) -> None:
+    """Write components in the layout :func:`load_models` reads (used by tests for tiny checkpoints)."""
+    folder = Path(folder)
+    transformer.save_pretrained(folder / "transformer")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+
+
+def identify(folder: Path) -> str:
+    """The preset whose architecture matches ``folder/transformer/config.json``."""
+    cfg_path = folder / "transformer" / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"model path {str(folder)!r} does not identify a known model: it has no transformer/config.json "
+            "(expected diffusers' Wan layout: transformer/, vae/, text_encoder/, tokenizer/)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model path {str(folder)!r}: transformer/config.json is not valid JSON: {e}") from None
+    if cfg.get("_class_name") != "WanTransformer3DModel":
+        raise ConfigError(
+            f"model path {str(folder)!r} does not identify a known model: transformer _class_name="
+            f"{cfg.get('_class_name')!r}, expected 'WanTransformer3DModel'"
+        )
+    for name in known_presets():
+        ident = load_model_preset(name).identity()
+        if all(cfg.get(k) == v for k, v in ident.items()):
+            return name
+    found = {k: cfg.get(k) for k in load_model_preset(known_presets()[0]).identity()}
+    raise ConfigError(
+        f"model path {str(folder)!r} does not identify a known model: its transformer {found} matches none of "
+        f"the known presets {known_presets()}"
+    )
+
+
+def resolve_source(source: str) -> Path:
+    """A local folder as it is; anything else must be a hub id ('owner/name') already reachable."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"model path {source!r} is a file, not a folder in diffusers' Wan layout")
+        return path
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise ConfigError(f"model path {source!r} does not exist and is not a hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=source))
+    except Exception as e:  # network, auth, missing repo: all end here with the id named
+        raise ConfigError(f"model {source!r}: could not be fetched from the hub ({type(e).__name__}: {e})") from None
+
+
+def load_models(config: SystemConfig) -> Models:
+    preset = config.model
+    dtype = DTYPES[config.dtype]
+    source = config.model_source or preset.source
+    tokenizer: Any
+    if source is None:
+        if preset.weights != "random":
+            raise ConfigError(f"model preset {preset.name!r} has pretrained weights: give --model PATH_OR_ID")
+        transformer, vae, text_encoder = random_components(preset)
+        tokenizer = ByteTokenizer()
+        where = f"random(seed={preset.seed})"
+    else:
+        folder = resolve_source(source)
+        found = identify(folder)
+        if found != preset.name:
+            raise ConfigError(f"model path {source!r} holds {found!r}, but the config asks for {preset.name!r}")
+        transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
+        vae = AutoencoderKLWan.from_pretrained(folder / "vae")
+        text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")
+        if (folder / "tokenizer" / BYTE_TOKENIZER_FILE).exists():
+            tokenizer = ByteTokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        where = str(folder)
+    device = torch.device(config.device)
+    transformer = transformer.to(device=device, dtype=dtype).eval()
+    # The VAE and text encoder run in float32 unless the whole engine runs in float64 (tests).
+    side_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if device.type == "cpu" else dtype)
+    vae = vae.to(device=device, dtype=side_dtype).eval()
+    text_encoder = text_encoder.to(device=device, dtype=side_dtype).eval()
+    return Models(
+        preset=preset,
+        dit=CausalWan(transformer),
+        vae=StreamingVae(vae),
+        text=TextEncoder(text_encoder, tokenizer, preset.text_len),
+        source=where,
+    )

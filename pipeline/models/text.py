@@ -1,0 +1,76 @@
+"""Text conditioning: a UMT5 encoder, as Wan uses, behind a small cache of encoded prompts.
+
+The ``tiny`` preset uses a tiny randomly initialised UMT5 and :class:`ByteTokenizer`, which needs no
+download (UTF-8 bytes are the vocabulary). Real presets use the checkpoint's own tokenizer.
+Output, as in diffusers' WanPipeline: [text_len, text_dim] with every position past the prompt's
+tokens set to zero.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: id = byte + 3; 0 = pad, 1 = end of sequence, 2 = unknown."""
+
+    pad_id, eos_id, offset = 0, 1, 3
+    vocab_size = 256 + 3
+
+    def encode(self, text: str, max_length: int) -> tuple[list[int], list[int]]:
+        ids = [b + self.offset for b in text.encode("utf-8")][: max_length - 1] + [self.eos_id]
+        mask = [1] * len(ids)
+        pad = max_length - len(ids)
+        return ids + [self.pad_id] * pad, mask + [0] * pad
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": "bytes", "vocab_size": self.vocab_size}))
+
+
+class TextEncoder:
+    """prompt -> conditioning [text_len, text_dim]; the last ``cache_size`` prompts are kept."""
+
+    def __init__(self, encoder: torch.nn.Module, tokenizer: Any, text_len: int, cache_size: int = 32) -> None:
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def _tokens(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            ids, mask = self.tokenizer.encode(prompt, self.text_len)
+            return torch.tensor([ids]), torch.tensor([mask])
+        out = self.tokenizer(
+            [prompt], padding="max_length", max_length=self.text_len, truncation=True, add_special_tokens=True,
+            return_attention_mask=True, return_tensors="pt",
+        )
+        return out.input_ids, out.attention_mask
+
+    @torch.no_grad()
+    def __call__(self, prompt: str) -> torch.Tensor:
+        hit = self._cache.get(prompt)
+        if hit is not None:
+            self._cache.move_to_end(prompt)
+            return hit
+        device = next(self.encoder.parameters()).device
+        ids, mask = self._tokens(prompt)
+        states = self.encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state[0]
+        n = int(mask.sum())
+        states = torch.cat([states[:n], states.new_zeros(self.text_len - n, states.shape[-1])])  # [text_len, text_dim]
+        self._cache[prompt] = states
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return states

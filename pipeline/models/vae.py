@@ -1,0 +1,101 @@
+"""Streaming encode/decode with diffusers' ``AutoencoderKLWan``, keeping the causal cache across chunks.
+
+``AutoencoderKLWan.decode()`` clears its cache on every call, so a chunk-by-chunk decode through it
+would restart the causal convolutions at every chunk (a visible seam). Here each session owns a
+:class:`VaeStream`: the encoder's and decoder's feature caches, driven latent frame by latent frame
+exactly as ``AutoencoderKLWan._encode``/``_decode`` do, but never cleared between chunks.
+
+Latents handed to and from the DiT are normalised with the VAE's ``latents_mean``/``latents_std``.
+Frames: float [-1, 1], [B, 3, N, H, W]. Latents: [B, C, n, h, w] with N = 1 + 4(n-1) for a stream's
+first chunk and N = 4n afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm, unpatchify
+
+
+def _rms_norm_forward(norm: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
+    """``WanRMS_norm.forward`` with the same math (``F.normalize`` over channels, eps 1e-12) but an
+    explicit sum of squares: torch's CPU ``linalg_vector_norm`` over a non-innermost dim of a 5-D
+    tensor is ~40x slower and was most of the tiny VAE's decode time."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    dim = 1 if norm.channel_first else -1
+    normalized = xf / xf.square().sum(dim=dim, keepdim=True).sqrt().clamp_min(1e-12)
+    return normalized.to(x.dtype) * norm.scale * norm.gamma + norm.bias
+
+
+def use_fast_rms_norm(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, WanRMS_norm):
+            m.forward = _rms_norm_forward.__get__(m)  # type: ignore[method-assign]
+
+
+@dataclass
+class VaeStream:
+    """The causal caches of one stream (one session and epoch); replace it on a hard cut."""
+
+    enc_cache: list = field(default_factory=list)  # per causal conv of the encoder: last frames' features
+    dec_cache: list = field(default_factory=list)  # per causal conv of the decoder
+    frames_encoded: int = 0  # video frames seen by the encoder so far
+    latents_decoded: int = 0  # latent frames seen by the decoder so far
+
+
+class StreamingVae:
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        if vae.config.patch_size is not None:
+            raise ValueError(f"AutoencoderKLWan patch_size={vae.config.patch_size!r} is not supported (Wan2.2 VAE)")
+        self.vae = vae
+        use_fast_rms_norm(vae)
+        z = vae.config.z_dim
+        self._mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self._std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self._n_enc = sum(type(m).__name__ == "WanCausalConv3d" for m in vae.encoder.modules())
+        self._n_dec = sum(type(m).__name__ == "WanCausalConv3d" for m in vae.decoder.modules())
+
+    def new_stream(self) -> VaeStream:
+        return VaeStream(enc_cache=[None] * self._n_enc, dec_cache=[None] * self._n_dec)
+
+    def _norm(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._mean.to(like.device, like.dtype), self._std.to(like.device, like.dtype)
+
+    @torch.no_grad()
+    def encode(self, stream: VaeStream, frames: torch.Tensor) -> torch.Tensor:
+        """frames [B, 3, N, H, W] in [-1, 1] -> normalised latents [B, C, n, h, w] (posterior mode)."""
+        n = frames.shape[2]
+        first = stream.frames_encoded == 0
+        if (first and (n - 1) % 4) or (not first and n % 4):
+            want = "1 + 4k frames for a stream's first chunk" if first else "a multiple of 4 frames"
+            raise ValueError(f"VAE encode got {n} frames: needs {want}")
+        groups = [frames[:, :, :1]] + list(frames[:, :, 1:].split(4, dim=2)) if first else list(frames.split(4, dim=2))
+        outs = [self.vae.encoder(g, feat_cache=stream.enc_cache, feat_idx=[0]) for g in groups]
+        h = self.vae.quant_conv(torch.cat(outs, dim=2))
+        stream.frames_encoded += n
+        mu = h[:, : self.vae.config.z_dim]
+        mean, std = self._norm(mu)
+        return (mu - mean) / std
+
+    @torch.no_grad()
+    def decode(self, stream: VaeStream, latents: torch.Tensor) -> torch.Tensor:
+        """normalised latents [B, C, n, h, w] -> frames [B, 3, N, H, W] in [-1, 1]."""
+        mean, std = self._norm(latents)
+        x = self.vae.post_quant_conv(latents * std + mean)
+        outs = []
+        for i in range(x.shape[2]):
+            first = stream.latents_decoded == 0
+            outs.append(self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.dec_cache, feat_idx=[0], first_chunk=first))
+            stream.latents_decoded += 1
+        out = torch.cat(outs, dim=2)
+        if self.vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=self.vae.config.patch_size)
+        return out.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
+        """The reference: diffusers' own one-call decode of all latent frames (normalised input)."""
+        mean, std = self._norm(latents)
+        return self.vae.decode(latents * std + mean).sample

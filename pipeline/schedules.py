@@ -1,0 +1,83 @@
+"""Sigma tables and flow-matching update rules: pure functions of explicit inputs.
+
+Flow matching: ``x_σ = (1-σ)·x0 + σ·ε`` and the model predicts the velocity ``v = ε - x0``,
+so ``x0 = x_σ - σ·v``. Every slot carries its own σ; there is no hidden step counter, so a batch
+that mixes noise levels (a StreamBatch) needs nothing special.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(sigma: float, shift: float) -> float:
+    """The flow-matching time shift used by Wan: ``σ' = s·σ / (1 + (s-1)·σ)``."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def sigmas_from_timesteps(timesteps: tuple[float, ...] | list[float], shift: float) -> tuple[float, ...]:
+    """Map denoising timesteps in (0, 1000] (e.g. StreamDiffusionV2's ``[700, 500, 400, 200]`` or
+    Self-Forcing's ``[1000, 750, 500, 250]``) to shifted sigmas, noisiest first."""
+    sigmas = tuple(shift_sigma(t / NUM_TRAIN_TIMESTEPS, shift) for t in timesteps)
+    validate_sigmas(sigmas)
+    return sigmas
+
+
+def shifted_sigmas(steps: int, shift: float) -> tuple[float, ...]:
+    """``steps`` evenly spaced timesteps from 1000 down (1000, 750, 500, 250 for 4), shifted."""
+    if steps < 1:
+        raise ValueError(f"steps={steps!r} is not allowed: at least 1")
+    return sigmas_from_timesteps([NUM_TRAIN_TIMESTEPS * (1 - i / steps) for i in range(steps)], shift)
+
+
+def validate_sigmas(sigmas: tuple[float, ...] | list[float]) -> None:
+    if len(sigmas) == 0:
+        raise ValueError("sigmas=() is not allowed: at least one step")
+    if any(not 0.0 < s <= 1.0 for s in sigmas):
+        raise ValueError(f"sigmas={tuple(sigmas)!r} is not allowed: every sigma in (0, 1]")
+    if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sigmas={tuple(sigmas)!r} is not allowed: strictly decreasing")
+
+
+def strength_sigmas(sigmas: tuple[float, ...], strength: float) -> tuple[float, ...]:
+    """v2v: the same table scaled so that its first sigma is ``strength`` (the input is noised to it).
+
+    ``strength=1`` keeps the table (the input is replaced by noise at σ_0 = 1 for a t2v table).
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength!r} is not allowed: a number in (0, 1]")
+    scale = strength / sigmas[0]
+    return tuple(s * scale for s in sigmas)
+
+
+def to_x0(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """``x0 = x_σ - σ·v``; ``sigma`` broadcasts per sample: shape [B] against x [B, ...]."""
+    return x - _bcast(sigma, x) * velocity
+
+
+def add_noise(x0: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    """``x_σ = (1-σ)·x0 + σ·ε``."""
+    s = _bcast(sigma, x0) if isinstance(sigma, torch.Tensor) else sigma
+    return (1 - s) * x0 + s * noise
+
+
+def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def noise_seed(seed: int, epoch: int, chunk_index: int, step: int) -> int:
+    """A 63-bit seed for the noise of one (chunk, step): independent of batching and of order."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{chunk_index}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def chunk_noise(
+    seed: int, epoch: int, chunk_index: int, step: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """Fresh Gaussian noise ε for chunk ``chunk_index`` entering ``step``: same inputs, same bits."""
+    g = torch.Generator(device="cpu").manual_seed(noise_seed(seed, epoch, chunk_index, step))
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)

@@ -1,0 +1,77 @@
+"""Messages that cross module boundaries: plain dataclasses with shape, dtype and device noted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PTS_CLOCK = 90_000  # pts ticks per second (the RTP video clock)
+
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class UserParams:
+    """Per-session parameters; they change only at chunk boundaries (a chunk keeps its snapshot)."""
+
+    prompt: str = ""
+    seed: int = 0  # seeds every chunk's noise together with (epoch, chunk_index, step)
+    strength: float = 1.0  # v2v: the first sigma the input is noised to, in (0, 1]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt={self.prompt!r} is not allowed: a string")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt of {len(self.prompt)} characters is not allowed: at most {MAX_PROMPT_CHARS}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r} is not allowed: an integer in [0, 2**63)")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise ValueError(f"strength={self.strength!r} is not allowed: a number in (0, 1]")
+        if not 0.0 < float(self.strength) <= 1.0:
+            raise ValueError(f"strength={self.strength!r} is not allowed: a number in (0, 1]")
+
+    @staticmethod
+    def fields() -> tuple[str, ...]:
+        return ("prompt", "seed", "strength")
+
+    def updated(self, changes: dict[str, Any]) -> UserParams:
+        unknown = sorted(set(changes) - set(self.fields()))
+        if unknown:
+            raise ValueError(f"unknown user param(s) {unknown}; allowed: {list(self.fields())}")
+        values = {name: getattr(self, name) for name in self.fields()}
+        values.update(changes)
+        return UserParams(**values)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The identity that travels with a chunk through every hop."""
+
+    session_id: str
+    epoch: int  # bumps on a hard cut; anything of an older epoch is dropped where met
+    chunk_index: int  # counts the session's chunks, across epochs
+    frame_start: int  # latent frame index of the chunk's first latent frame, within its epoch
+    video_frame: int  # the chunk's first video frame on the session's output timeline
+    pts: int  # pts (90 kHz) of that frame
+    num_frames: int  # video frames the chunk decodes to
+    params: UserParams  # the user params the chunk was made with
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.session_id, self.epoch, self.chunk_index)
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    """A finished chunk: video frames with their envelope and pts."""
+
+    envelope: Envelope
+    frames: np.ndarray = field(repr=False)  # uint8 [N, H, W, 3], on the CPU
+    pts: tuple[int, ...]  # per frame, 90 kHz
+    latents: Any = field(default=None, repr=False)  # x0 [C, F, h, w] torch tensor, when the engine keeps them
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])

@@ -1,0 +1,139 @@
+"""The per-session rolling window: chunks in flight and the KV window (DESIGN §2, §5).
+
+KV window layout, per owned block: ``sink_frames`` positions that hold latent frames
+``0..sink-1`` for ever, then a ring of ``window_frames + (steps+1)·chunk_frames`` positions for the
+latest frames and the frames in flight. Frame ``f >= sink`` lives at ``sink + (f - sink) % ring``;
+eviction is overwriting, never a copy. A :class:`KVWindow` holds only the blocks it is given
+(``blocks``), so a pipeline stage owns the KV windows of its own block range.
+
+Context of a slot whose chunk starts at latent frame ``f``: the sink frames before it and the
+latest ``window_frames`` frames before ``f`` (see :func:`context_frames`).
+
+RoPE positions are *cache positions* (StreamingLLM): sink frames keep 0..sink-1, the window is laid
+right after them and the slot's own frames follow. While a stream is shorter than sink + window
+they equal absolute frame indices; later every query-to-window distance is still the true frame
+distance, and positions never exceed sink + window + chunk_frames, so an endless stream never
+reaches the end of the RoPE table and no re-basing event (no visible cut) ever happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.types import Envelope, UserParams
+
+
+def context_frames(frame_start: int, sink: int, window: int) -> tuple[int, ...]:
+    """Latent frames a chunk starting at ``frame_start`` reads: sink frames, then the window."""
+    return tuple(range(min(sink, frame_start))) + tuple(range(max(sink, frame_start - window), frame_start))
+
+
+def rope_positions(
+    frame_start: int, chunk_frames: int, sink: int, window: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Cache positions of (context frames, own frames) for a chunk starting at ``frame_start``."""
+    shift = max(0, frame_start - sink - window)  # frames evicted between the sink and the window
+    ctx = tuple(f if f < sink else f - shift for f in context_frames(frame_start, sink, window))
+    own = tuple(range(frame_start - shift, frame_start - shift + chunk_frames))
+    return ctx, own
+
+
+class KVWindow:
+    """Keys (before RoPE) and values of one session's recent frames, for a range of blocks.
+
+    k, v: [n_blocks, capacity, tokens_per_frame, H, D] on the model's device and dtype.
+    """
+
+    def __init__(
+        self,
+        blocks: range,
+        sink: int,
+        window: int,
+        in_flight_frames: int,
+        tokens_per_frame: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.blocks = blocks
+        self.sink = sink
+        self.window = window
+        self.ring = window + in_flight_frames
+        self.capacity = sink + self.ring
+        shape = (len(blocks), self.capacity, tokens_per_frame, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.held = [-1] * self.capacity  # latent frame held at each position, -1 = empty
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def position(self, frame: int) -> int:
+        return frame if frame < self.sink else self.sink + (frame - self.sink) % self.ring
+
+    def positions(self, frames: tuple[int, ...] | range) -> list[int]:
+        return [self.position(f) for f in frames]
+
+    def holds(self, frames: tuple[int, ...]) -> bool:
+        return all(self.held[self.position(f)] == f for f in frames)
+
+    def reset(self) -> None:
+        """Forget every frame (a hard cut); memory is kept for the next epoch."""
+        self.held = [-1] * self.capacity
+
+    def gather(self, block: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of the frames at ``index`` (positions, [n] on device): [n·tokens_per_frame, H, D]."""
+        b = block - self.blocks.start
+        return self.k[b].index_select(0, index).flatten(0, 1), self.v[b].index_select(0, index).flatten(0, 1)
+
+    def scatter(self, block: int, frames: range, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``frames`` (at positions ``index``); k, v: [len(frames)·tokens_per_frame, H, D]."""
+        b = block - self.blocks.start
+        self.k[b].index_copy_(0, index, k.unflatten(0, (len(frames), -1)))
+        self.v[b].index_copy_(0, index, v.unflatten(0, (len(frames), -1)))
+        if block == self.blocks.start:
+            for f, p in zip(frames, self.positions(frames)):
+                self.held[p] = f
+
+
+@dataclass
+class ChunkState:
+    """One chunk in flight: its latents move through the steps, then one σ=0 write."""
+
+    envelope: Envelope
+    sigmas: tuple[float, ...]  # this chunk's noise levels (t2v: the table; v2v: scaled by strength)
+    step: int  # next step to run; == len(sigmas) when only its σ=0 write is left
+    x: torch.Tensor  # [C, F, h, w]: x at sigmas[step], or x0 once clean
+    text: torch.Tensor  # [text_len, text_dim] conditioning of its prompt
+
+    @property
+    def sigma(self) -> float:
+        return self.sigmas[self.step] if self.step < len(self.sigmas) else 0.0
+
+    @property
+    def clean(self) -> bool:
+        return self.step >= len(self.sigmas)
+
+
+@dataclass
+class SessionWindow:
+    """Everything the engine keeps for one session; changed only by the engine's update step."""
+
+    session_id: str
+    mode: str  # "t2v" or "v2v"
+    params: UserParams  # current user params; new chunks snapshot them
+    kv: KVWindow
+    epoch: int = 0
+    next_chunk_index: int = 0  # counts across epochs
+    next_frame: int = 0  # next chunk's first latent frame, within the epoch
+    next_video_frame: int = 0  # output timeline: first video frame of the next chunk
+    in_flight: list[ChunkState] = field(default_factory=list)  # oldest first
+    demand: int = 0  # t2v: chunks asked for and not yet started
+    inputs: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # v2v: (latents [C,F,h,w], epoch)
+
+    def has_input(self) -> bool:
+        return bool(self.inputs) if self.mode == "v2v" else self.demand > 0
