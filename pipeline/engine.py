@@ -147,10 +147,25 @@ class Engine:
                 raise ValueError(f"session {session_id!r} is v2v: give it frames with submit()")
             s.window.demand += chunks
 
+    def _backlog(self, s: _Session) -> tuple[int, int]:
+        """(input chunks waiting, frames missing for the next one): encoded chunks plus complete
+        chunks among the pending frames; an epoch's first chunk takes 3 fewer frames."""
+        pending, first = len(s.pending_frames), s.vae.frames_encoded == 0
+        waiting = len(s.window.inputs)
+        while pending >= (need := self.config.frames_for_chunk(first)):
+            pending, first, waiting = pending - need, False, waiting + 1
+        return waiting, need - pending
+
     def frames_needed(self, session_id: str) -> int:
-        """v2v: frames the next input chunk takes (the first chunk of an epoch takes fewer)."""
+        """v2v: frames still missing before the next input chunk is complete."""
         with self._lock:
-            return self._frames_needed(self._get(session_id))
+            return self._backlog(self._get(session_id))[1]
+
+    def wants_frames(self, session_id: str) -> int:
+        """v2v: frames to submit now (those completing the next chunk), 0 while enough input waits."""
+        with self._lock:
+            waiting, missing = self._backlog(self._get(session_id))
+            return missing if waiting < self._max_pending_chunks else 0
 
     def submit(self, session_id: str, frames: np.ndarray) -> bool:
         """v2v: frames uint8 [N, H, W, 3] at the system's size. False (nothing taken) while the
@@ -165,7 +180,7 @@ class Engine:
                     f"frames of shape {tuple(frames.shape)} and dtype {frames.dtype} are not allowed: uint8 [N, {want[0]}, "
                     f"{want[1]}, 3]"
                 )
-            if len(s.window.inputs) >= self._max_pending_chunks:
+            if self._backlog(s)[0] >= self._max_pending_chunks:
                 return False
             s.pending_frames.extend(frames)
             return True
@@ -183,8 +198,9 @@ class Engine:
         with self._lock:
             s = self._get(session_id)
             w = s.window
-            if w.in_flight:  # the dropped chunks' frames never appear: keep the output timeline gapless
-                w.next_video_frame = min(c.envelope.video_frame for c in w.in_flight)
+            dropped = [c for c in w.in_flight if not c.clean]  # clean ones were already decoded
+            if dropped:  # their frames never appear: keep the output timeline gapless
+                w.next_video_frame = min(c.envelope.video_frame for c in dropped)
             w.epoch += 1
             w.in_flight.clear()
             w.inputs.clear()

@@ -34,6 +34,16 @@ class Models:
     source: str  # where the weights came from: "random(seed=N)", a folder
 
 
+def cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to ``device`` and cast floating weights to ``dtype``, except the modules the model keeps
+    in float32 at half precision (diffusers' ``_keep_in_fp32_modules``: norms, time embedder, rope)."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype in (torch.bfloat16, torch.float16) else ()
+    model.eval()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        want = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        t.data = t.data.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
+
+
 def random_components(preset: ModelPreset) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
     """The preset's architecture with weights drawn from its seed (same seed, same weights)."""
     with torch.random.fork_rng(devices=[]):
@@ -125,11 +135,11 @@ def load_models(config: SystemConfig) -> Models:
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         where = str(folder)
     device = torch.device(config.device)
-    transformer = transformer.to(device=device, dtype=dtype).eval()
+    cast(transformer, device, dtype)
     # The VAE and text encoder run in float32 unless the whole engine runs in float64 (tests).
     side_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if device.type == "cpu" else dtype)
-    vae = vae.to(device=device, dtype=side_dtype).eval()
-    text_encoder = text_encoder.to(device=device, dtype=side_dtype).eval()
+    cast(vae, device, side_dtype)
+    cast(text_encoder, device, side_dtype)
     return Models(
         preset=preset,
         dit=CausalWan(transformer),

@@ -71,7 +71,9 @@ class StreamingVae:
         if (first and (n - 1) % 4) or (not first and n % 4):
             want = "1 + 4k frames for a stream's first chunk" if first else "a multiple of 4 frames"
             raise ValueError(f"VAE encode got {n} frames: needs {want}")
-        groups = [frames[:, :, :1]] + list(frames[:, :, 1:].split(4, dim=2)) if first else list(frames.split(4, dim=2))
+        starts = ([0] if first else []) + list(range(1 if first else 0, n, 4))
+        ends = starts[1:] + [n]
+        groups = [frames[:, :, a:b] for a, b in zip(starts, ends)]  # diffusers' grouping: 1, 4, 4, ...
         outs = [self.vae.encoder(g, feat_cache=stream.enc_cache, feat_idx=[0]) for g in groups]
         h = self.vae.quant_conv(torch.cat(outs, dim=2))
         stream.frames_encoded += n

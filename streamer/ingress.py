@@ -1,0 +1,88 @@
+"""Frames in: a video file (or anything PyAV opens), resampled to the model's fps and size.
+
+Resampling in time keeps, for output frame k at time k/fps, the newest input frame shown at or
+before that time (frames are repeated or skipped as the rates differ). In space the picture is
+centre-cropped to the output's aspect ratio, then scaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+class InputError(ValueError):
+    """An input that cannot be opened or decoded: the message names it and why."""
+
+
+def crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the largest centred region of the source with the destination's aspect."""
+    if src_w * dst_h > dst_w * src_h:  # source is wider: crop the sides
+        w = (src_h * dst_w) // dst_h
+        return (src_w - w) // 2, 0, w, src_h
+    h = (src_w * dst_h) // dst_w
+    return 0, (src_h - h) // 2, src_w, h
+
+
+def fit(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """One decoded frame -> uint8 [height, width, 3], centre-cropped and scaled."""
+    x, y, w, h = crop_box(frame.width, frame.height, width, height)
+    if (w, h) != (frame.width, frame.height):
+        rgb = frame.to_ndarray(format="rgb24")[y : y + h, x : x + w]
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+
+
+class VideoFileSource:
+    """Iterate an input's video frames as uint8 [H, W, 3] at ``fps``."""
+
+    def __init__(self, path: str | Path, width: int, height: int, fps: int) -> None:
+        self.path = str(path)
+        self.width, self.height, self.fps = width, height, fps
+        try:
+            self._container = av.open(self.path)
+        except (av.FFmpegError, OSError) as e:
+            raise InputError(f"input {self.path!r} cannot be opened: {e}") from None
+        if not self._container.streams.video:
+            self._container.close()
+            raise InputError(f"input {self.path!r} has no video stream")
+        self._frames = self._decode()
+        try:
+            self._first: np.ndarray | None = next(self._frames)
+        except StopIteration:
+            self._container.close()
+            raise InputError(f"input {self.path!r} has no decodable video frame") from None
+
+    def _decode(self) -> Iterator[np.ndarray]:
+        stream = self._container.streams.video[0]
+        k = 0  # next output frame
+        start: float | None = None
+        latest: av.VideoFrame | None = None  # newest input frame, fitted only when emitted
+        fitted: np.ndarray | None = None
+        try:
+            for i, frame in enumerate(self._container.decode(stream)):
+                t = float(frame.time) if frame.time is not None else i / self.fps
+                start = t if start is None else start
+                while latest is not None and k / self.fps < t - start - 1e-6:
+                    fitted = fitted if fitted is not None else fit(latest, self.width, self.height)
+                    yield fitted
+                    k += 1
+                latest, fitted = frame, None
+        except av.FFmpegError as e:
+            if latest is None:
+                raise InputError(f"input {self.path!r} cannot be decoded: {e}") from None
+            # a damaged tail: keep what was readable
+        if latest is not None:
+            yield fitted if fitted is not None else fit(latest, self.width, self.height)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        yield from self._frames
+
+    def close(self) -> None:
+        self._container.close()
