@@ -44,9 +44,14 @@ def cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> No
         t.data = t.data.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
 
 
-def random_components(preset: ModelPreset) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
-    """The preset's architecture with weights drawn from its seed (same seed, same weights)."""
-    with torch.random.fork_rng(devices=[]):
+def random_components(
+    preset: ModelPreset, device: torch.device | str = "cpu"
+) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
+    """The preset's architecture with weights drawn from its seed (same seed, same weights on a
+    given device). Made directly on ``device``: a 1.3B model's random weights for a GPU benchmark
+    need no trip through host memory."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(preset.seed)
         transformer = WanTransformer3DModel(**preset.transformer)
         vae = AutoencoderKLWan(**preset.vae)
@@ -108,15 +113,18 @@ def resolve_source(source: str) -> Path:
         raise ConfigError(f"model {source!r}: could not be fetched from the hub ({type(e).__name__}: {e})") from None
 
 
-def load_models(config: SystemConfig) -> Models:
+def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
+    """The preset's components with their weights: from ``config.model_source`` (or the preset's
+    own source), or seeded random weights for a ``random`` preset or when ``random_weights`` asks
+    for them (GPU speed benchmarks of a pretrained architecture: speed does not depend on values)."""
     preset = config.model
     dtype = DTYPES[config.dtype]
-    source = config.model_source or preset.source
+    source = None if random_weights else (config.model_source or preset.source)
     tokenizer: Any
     if source is None:
-        if preset.weights != "random":
+        if preset.weights != "random" and not random_weights:
             raise ConfigError(f"model preset {preset.name!r} has pretrained weights: give --model PATH_OR_ID")
-        transformer, vae, text_encoder = random_components(preset)
+        transformer, vae, text_encoder = random_components(preset, config.device)
         tokenizer = ByteTokenizer()
         where = f"random(seed={preset.seed})"
     else:
