@@ -51,7 +51,7 @@ def random_components(
     given device). Made directly on ``device``: a 1.3B model's random weights for a GPU benchmark
     need no trip through host memory."""
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+    with torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(preset.seed)
         transformer = WanTransformer3DModel(**preset.transformer)
         vae = AutoencoderKLWan(**preset.vae)

@@ -1,0 +1,39 @@
+# make demo   set up .venv and generate 5 s of video with the embedded tiny model (out.mp4)
+# make test   set up .venv and run every test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# torch is pinned to 2.13.0 in requirements.lock: a CPU build where pip finds one (these machines),
+# the regular CUDA build from PyPI elsewhere.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/streamer run --config configs/tiny.yaml --prompt "a lighthouse on a cliff at dusk, waves" \
+		--seconds 5 --out out.mp4
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/python -m bench.engine --config configs/tiny.yaml --json bench/results/engine-tiny-cpu.json
+
+lint: setup
+	$(BIN)/ruff check pipeline streamer bench tests
+	$(BIN)/ruff format --check pipeline streamer bench tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) out.mp4 .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,145 @@
+"""`streamer run` end to end, in real subprocesses: files, v2v, seeds, bad input, Ctrl-C."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--height", "32", "--width", "32"]
+
+
+def streamer(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "streamer", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def read_video(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+        return frames, s.codec_context.name, float(s.average_rate)
+
+
+def write_clip(path, n, size=(48, 64), fps=25):
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.height, s.width = size
+        s.pix_fmt = "yuv420p"
+        for i in range(n):
+            img = np.zeros((*size, 3), np.uint8)
+            img[:, :, 0] = (i * 9) % 256
+            img[: size[0] // 2, :, 1] = 200
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            c.mux(s.encode(frame))
+        c.mux(s.encode(None))
+
+
+def test_t2v_writes_a_playable_mp4(tmp_path):
+    out = tmp_path / "out.mp4"
+    r = streamer("run", "--prompt", "a red fox", "--seconds", "1.5", "--out", str(out), *SMALL)
+    assert r.returncode == 0, r.stderr
+    frames, codec, rate = read_video(out)
+    assert codec == "h264" and rate == 16
+    assert len(frames) == 24 and frames[0].shape == (32, 32, 3)
+    assert "x real time" in r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # no partial file left
+
+
+def test_webm_output(tmp_path):
+    out = tmp_path / "out.webm"
+    r = streamer("run", "--frames", "9", "--out", str(out), *SMALL)
+    assert r.returncode == 0, r.stderr
+    frames, codec, _ = read_video(out)
+    assert codec == "vp9" and len(frames) == 9
+
+
+def test_same_seed_same_frames(tmp_path):
+    outs = []
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        out = tmp_path / f"{name}.mp4"
+        r = streamer("run", "--prompt", "p", "--frames", "9", "--seed", str(seed), "--out", str(out), *SMALL)
+        assert r.returncode == 0, r.stderr
+        outs.append(np.stack(read_video(out)[0]))
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+
+
+def test_v2v_from_a_file(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, 30, fps=25)  # 1.2 s at 25 fps -> 19 frames at 16 fps
+    out = tmp_path / "out.mp4"
+    r = streamer("run", "--input", str(clip), "--strength", "0.6", "--out", str(out), "--seconds", "10", *SMALL)
+    assert r.returncode == 0, r.stderr
+    frames, _, _ = read_video(out)
+    # every complete chunk of the input comes out: 1 + 4k frames of the 19
+    assert len(frames) == 17
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "configs/nope.yaml"], "system config file 'configs/nope.yaml' does not exist"),
+        (["--height", "100"], "height=100 is not allowed: a multiple of 16"),
+        (["--model", "/definitely/not/here"], "model path '/definitely/not/here' does not exist"),
+        (["--strength", "2"], "strength=2.0 is not allowed"),
+        (["--frames", "0"], "--frames=0 is not allowed"),
+    ],
+)
+def test_bad_arguments_are_named_and_nothing_is_written(tmp_path, args, message):
+    out = tmp_path / "out.mp4"
+    r = streamer("run", "--out", str(out), *SMALL, *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_that_cannot_be_decoded(tmp_path):
+    bad = tmp_path / "clip.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    out = tmp_path / "out.mp4"
+    r = streamer("run", "--input", str(bad), "--out", str(out), *SMALL)
+    assert r.returncode == 2
+    assert f"input {str(bad)!r} cannot be" in r.stderr
+    assert not out.exists()
+
+
+def test_output_that_cannot_be_written(tmp_path):
+    r = streamer("run", "--out", str(tmp_path / "missing" / "out.mp4"), *SMALL)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = streamer("run", "--out", str(tmp_path / "out.avi"), *SMALL)
+    assert r.returncode == 2 and "extension '.avi' is not supported" in r.stderr
+    r = streamer("run", "--out", "/proc/out.mp4", *SMALL)  # not writable, even for root
+    assert r.returncode == 2 and "output '/proc/out.mp4' cannot be written" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_leaves_a_playable_file_of_what_was_generated(tmp_path, sig):
+    out = tmp_path / "out.mp4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "run", "--seconds", "600", "--out", str(out), *SMALL],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    # wait for generation to be under way (the progress bar counts frames), then interrupt
+    buf = ""
+    deadline = time.monotonic() + 120
+    while "generating:" not in buf or "/9600" not in buf.split("generating:")[-1]:
+        assert time.monotonic() < deadline, buf
+        buf += proc.stderr.read(1)
+    time.sleep(1.5)
+    proc.send_signal(sig)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, buf + rest
+    said = [line for line in rest.splitlines() if "interrupted by signal" in line]
+    assert said, rest
+    written = int(said[0].split("wrote ")[1].split(" frames")[0])
+    frames, _, _ = read_video(out)
+    assert written > 0 and len(frames) == written
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
