@@ -74,6 +74,8 @@ class Engine:
         self.keep_latents = keep_latents  # DecodedChunk.latents holds x0 (tests, re-encoding)
         self.models = models if models is not None else load_models(config)
         self.device = self.models.dit.device
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the VAE's 3-D convolutions see a few fixed shapes
         self.dtype = DTYPES[config.dtype]
         args = (self.models.dit, config.latent_size, config.chunk_frames, config.sink_frames, config.window_frames)
         if executor == "streambatch":

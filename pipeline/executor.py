@@ -14,9 +14,9 @@ from typing import Protocol
 
 import torch
 
-from pipeline.models.causal_wan import AttnBatch, CausalWan
+from pipeline.models.causal_wan import AttnBatch, CausalWan, apply_rope
 from pipeline.scheduler import Slot
-from pipeline.window import KVWindow, rope_positions
+from pipeline.window import KVWindow, sink_shift
 
 
 @dataclass
@@ -40,6 +40,9 @@ class WindowKV:
         device = windows[0].k.device
         self.windows = windows
         self.defer = defer
+        # sink frames lead each slot's context; turned forward by each slot's sink_shift at read
+        self.sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sink_tokens = windows[0].sink * windows[0].k.shape[2]
         self.pending: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.read_index = []
         self.write_frames = []
@@ -56,23 +59,27 @@ class WindowKV:
         self.lengths = [len(s.context) * tpf for s in slots]
         self.max_len = max(self.lengths)
 
-    def read(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ks, vs = [], []
-        for w, idx, n in zip(self.windows, self.read_index, self.lengths):
-            k, v = w.gather(block, idx)
+    def exchange(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather every slot's context straight into one [B, Lc + L, H, D] buffer (padding zeroed,
+        own tokens last), then record the slots' own keys/values."""
+        b, own, heads, dim = k.shape
+        keys = k.new_empty(b, self.max_len + own, heads, dim)
+        values = v.new_empty(b, self.max_len + own, heads, dim)
+        for i, (w, idx, n) in enumerate(zip(self.windows, self.read_index, self.lengths)):
+            w.gather_into(block, idx, keys[i, :n], values[i, :n])
             if n < self.max_len:
-                pad = (0, 0, 0, 0, 0, self.max_len - n)
-                k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
-            ks.append(k)
-            vs.append(v)
-        return torch.stack(ks), torch.stack(vs)  # [B, Lc, H, D]
-
-    def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                keys[i, n : self.max_len] = 0
+                values[i, n : self.max_len] = 0
+        keys[:, self.max_len :] = k
+        values[:, self.max_len :] = v
+        if self.sink_rotation is not None:
+            keys[:, : self.sink_tokens] = apply_rope(keys[:, : self.sink_tokens], self.sink_rotation)
         for i, (w, frames, idx) in enumerate(zip(self.windows, self.write_frames, self.write_index)):
             if self.defer:
                 self.pending.append((w, block, frames, idx, k[i], v[i]))
             else:
                 w.scatter(block, frames, idx, k[i], v[i])
+        return keys, values
 
     def flush(self) -> None:
         for w, block, frames, idx, k, v in self.pending:
@@ -91,18 +98,15 @@ class WindowKV:
 
 def attn_batch(model: CausalWan, kv: WindowKV, slots: list[Slot], latent_hw: tuple[int, int], chunk_frames: int,
                sink: int, window: int) -> AttnBatch:
-    """RoPE tables and mask of a batch of slots (positions: :func:`pipeline.window.rope_positions`)."""
+    """RoPE of the slots' own frames (absolute positions), the sink turn of each slot, the mask."""
     grid = model.grid(latent_hw)
-    ctx_pos, own_pos = [], []
-    n_ctx = max(len(s.context) for s in slots)
-    for s in slots:
-        ctx, own = rope_positions(s.envelope.frame_start, chunk_frames, sink, window)
-        ctx_pos.append(list(ctx) + [0] * (n_ctx - len(ctx)))
-        own_pos.append(list(own))
-    q_rope = model.rope(torch.tensor(own_pos, dtype=torch.long), grid)
-    ctx_rope = model.rope(torch.tensor(ctx_pos, dtype=torch.long).view(len(slots), n_ctx), grid) if n_ctx else None
+    starts = [s.envelope.frame_start for s in slots]
+    own = torch.tensor([list(range(f, f + chunk_frames)) for f in starts], dtype=torch.long)
+    shifts = [sink_shift(f, sink, window) for f in starts]
+    if sink and any(shifts):
+        kv.sink_rotation = model.time_shift(torch.tensor(shifts, dtype=torch.long))
     own_tokens = chunk_frames * grid[0] * grid[1]
-    return AttnBatch(kv=kv, q_rope=q_rope, ctx_rope=ctx_rope, mask=kv.mask(own_tokens))
+    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=kv.mask(own_tokens))
 
 
 class Executor(Protocol):

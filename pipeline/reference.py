@@ -15,31 +15,30 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import SystemConfig
-from pipeline.models.causal_wan import AttnBatch, CausalWan
+from pipeline.models.causal_wan import AttnBatch, CausalWan, apply_rope
 from pipeline.schedules import add_noise, chunk_noise, to_x0
 from pipeline.types import UserParams
-from pipeline.window import context_frames, rope_positions
+from pipeline.window import context_frames, sink_shift
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]  # block -> k, v: [L, H, D] before RoPE
 
 
 class ListKV:
-    """Context given as explicit per-block tensors for one slot; records the slot's own writes."""
+    """Context given as explicit per-frame tensors for one slot; records the slot's own writes."""
 
-    def __init__(self, context: list[KV], blocks: int) -> None:
-        self.context = context  # one entry per context frame, oldest first
-        self.blocks = blocks
+    def __init__(self, context: list[KV], sink_frames: int, sink_rotation: tuple[torch.Tensor, torch.Tensor] | None):
+        self.context = context  # one entry per context frame, oldest first (sink frames first)
+        self.sink_frames = sink_frames  # how many of them are sink frames
+        self.sink_rotation = sink_rotation  # turns sink keys forward in time; None = as stored
         self.written: KV = {}
 
-    def read(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.context:
-            raise RuntimeError("read() on an empty context")  # callers pass ctx_rope=None instead
-        k = torch.cat([c[block][0] for c in self.context])
-        v = torch.cat([c[block][1] for c in self.context])
-        return k[None], v[None]
-
-    def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def exchange(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.written[block] = (k[0], v[0])
+        ks = [c[block][0] for c in self.context]
+        if self.sink_rotation is not None:
+            rot = self.sink_rotation
+            ks = [apply_rope(key[None], rot)[0] if i < self.sink_frames else key for i, key in enumerate(ks)]
+        return torch.cat([*ks, k[0]])[None], torch.cat([*(c[block][1] for c in self.context), v[0]])[None]
 
 
 def forward_one(
@@ -49,14 +48,11 @@ def forward_one(
     """Velocity of one slot (x [C, F, h, w]) given its context frames' k/v; returns its own k/v."""
     cf, sink, window = config.chunk_frames, config.sink_frames, config.window_frames
     grid = model.grid(config.latent_size)
-    ctx_pos, own_pos = rope_positions(frame_start, cf, sink, window)
-    kv = ListKV(context, model.num_blocks)
-    batch = AttnBatch(
-        kv=kv,
-        q_rope=model.rope(torch.tensor([own_pos]), grid),
-        ctx_rope=model.rope(torch.tensor([ctx_pos]), grid) if context else None,
-        mask=None,
-    )
+    shift = sink_shift(frame_start, sink, window)
+    rotation = model.time_shift(torch.tensor([shift])) if shift else None
+    kv = ListKV(context, min(sink, frame_start), rotation)
+    own = torch.tensor([list(range(frame_start, frame_start + cf))])
+    batch = AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=None)
     sig = torch.tensor([sigma], dtype=torch.float32, device=model.device)
     velocity = model(x[None], sig, text[None], batch)[0]
     return velocity, kv.written

@@ -9,11 +9,12 @@ eviction is overwriting, never a copy. A :class:`KVWindow` holds only the blocks
 Context of a slot whose chunk starts at latent frame ``f``: the sink frames before it and the
 latest ``window_frames`` frames before ``f`` (see :func:`context_frames`).
 
-RoPE positions are *cache positions* (StreamingLLM): sink frames keep 0..sink-1, the window is laid
-right after them and the slot's own frames follow. While a stream is shorter than sink + window
-they equal absolute frame indices; later every query-to-window distance is still the true frame
-distance, and positions never exceed sink + window + chunk_frames, so an endless stream never
-reaches the end of the RoPE table and no re-basing event (no visible cut) ever happens.
+RoPE (StreamingLLM's cache positions, computed cheaply): every key is rotated once, when written,
+at its absolute frame index, and queries at theirs, so a query sees every window frame at its true
+distance. Sink frames would drift ever further away; they are turned forward in time at read by
+:func:`sink_shift` (the frames evicted between sink and window), so a sink frame always sits right
+before the window, at most sink + window + chunk_frames frames from any query: an endless stream
+never leaves the distances the model knows, and nothing jumps when the window starts to roll.
 """
 
 from __future__ import annotations
@@ -30,18 +31,15 @@ def context_frames(frame_start: int, sink: int, window: int) -> tuple[int, ...]:
     return tuple(range(min(sink, frame_start))) + tuple(range(max(sink, frame_start - window), frame_start))
 
 
-def rope_positions(
-    frame_start: int, chunk_frames: int, sink: int, window: int
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Cache positions of (context frames, own frames) for a chunk starting at ``frame_start``."""
-    shift = max(0, frame_start - sink - window)  # frames evicted between the sink and the window
-    ctx = tuple(f if f < sink else f - shift for f in context_frames(frame_start, sink, window))
-    own = tuple(range(frame_start - shift, frame_start - shift + chunk_frames))
-    return ctx, own
+def sink_shift(frame_start: int, sink: int, window: int) -> int:
+    """Frames by which a chunk starting at ``frame_start`` sees the sink turned forward in time:
+    the frames evicted between the sink and the window."""
+    return max(0, frame_start - sink - window)
 
 
 class KVWindow:
-    """Keys (before RoPE) and values of one session's recent frames, for a range of blocks.
+    """Keys (rotated at their frame positions) and values of one session's recent frames, for a
+    range of blocks.
 
     k, v: [n_blocks, capacity, tokens_per_frame, H, D] on the model's device and dtype.
     """
@@ -85,10 +83,21 @@ class KVWindow:
         """Forget every frame (a hard cut); memory is kept for the next epoch."""
         self.held = [-1] * self.capacity
 
-    def gather(self, block: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v of the frames at ``index`` (positions, [n] on device): [n·tokens_per_frame, H, D]."""
+    def gather_into(self, block: int, index: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """Copy k, v of the frames at ``index`` (positions, [n] on device) into contiguous
+        ``k_out``, ``v_out`` of shape [n·tokens_per_frame, H, D]."""
         b = block - self.blocks.start
-        return self.k[b].index_select(0, index).flatten(0, 1), self.v[b].index_select(0, index).flatten(0, 1)
+        n = len(index)
+        torch.index_select(self.k[b], 0, index, out=k_out.view(n, *self.k.shape[2:]))
+        torch.index_select(self.v[b], 0, index, out=v_out.view(n, *self.v.shape[2:]))
+
+    def gather(self, block: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of the frames at ``index``: [n·tokens_per_frame, H, D] (new tensors)."""
+        n = len(index) * self.k.shape[2]
+        k = self.k.new_empty(n, *self.k.shape[3:])
+        v = self.v.new_empty(n, *self.v.shape[3:])
+        self.gather_into(block, index, k, v)
+        return k, v
 
     def scatter(self, block: int, frames: range, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``frames`` (at positions ``index``); k, v: [len(frames)·tokens_per_frame, H, D]."""

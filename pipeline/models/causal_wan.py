@@ -5,8 +5,9 @@ What is ours: the self-attention processor (installed on every block's ``attn1``
 RoPE that starts at each slot's frame position, and a forward split into ``embed`` ->
 ``run_blocks(range)`` -> ``head`` so a pipeline stage can own a contiguous range of blocks.
 
-Keys are stored *before* RoPE; rotation happens at read time with cache positions (DESIGN §5), so
-positions stay bounded however long a stream runs.
+RoPE: frame positions are absolute frame indices (within an epoch), computed exactly for any
+index (no table to run past); keys are stored rotated, once, when written. Sink frames are the one
+exception, turned forward in time at read (see :mod:`pipeline.window`).
 
 Shapes: B slots, C latent channels, F latent frames per chunk, h x w latent pixels,
 L = F·(h/ph)·(w/pw) tokens per slot, Lc context tokens, H heads, D head dim, E = H·D model dim.
@@ -24,14 +25,11 @@ from diffusers.models.transformers.transformer_wan import WanAttention
 
 
 class KVAccess(Protocol):
-    """Where a batch of slots reads its context and writes its own keys/values, per block."""
+    """Where a batch of slots finds its context and leaves its own keys/values, per block."""
 
-    def read(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context keys (before RoPE) and values of every slot: [B, Lc, H, D] each (padded)."""
-        ...
-
-    def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The slots' own keys (before RoPE) and values: [B, L, H, D] each."""
+    def exchange(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Given the slots' own keys (rotated at their frame positions) and values, [B, L, H, D],
+        record them and return what the slots attend to: [context ; own], [B, Lc + L, H, D]."""
         ...
 
 
@@ -44,8 +42,6 @@ class AttnBatch:
 
     kv: KVAccess | None  # None: no cache (a full forward over all frames)
     q_rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin of the slots' own tokens: [B, L, 1, D/2]
-    ctx_rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin of context tokens: [B, Lc, 1, D/2];
-    # None: no slot has context, kv.read() is not called
     mask: torch.Tensor | None  # bool [B, 1, 1 or L, Lc + L], True = may attend; None = all
 
 
@@ -78,11 +74,7 @@ class CausalWanAttnProcessor:
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         keys, values = apply_rope(k, batch.q_rope), v
         if batch.kv is not None:
-            if batch.ctx_rope is not None:  # no context at all (a stream's first chunk): nothing to read
-                ck, cv = batch.kv.read(self.block_index)  # [B, Lc, H, D]
-                keys = torch.cat([apply_rope(ck, batch.ctx_rope), keys], dim=1)
-                values = torch.cat([cv, values], dim=1)
-            batch.kv.write(self.block_index, k, v)
+            keys, values = batch.kv.exchange(self.block_index, keys, values)  # [B, Lc + L, H, D]
         out = F.scaled_dot_product_attention(
             apply_rope(q, batch.q_rope).transpose(1, 2),  # [B, H, L, D]
             keys.transpose(1, 2),  # [B, H, Lc + L, D]
@@ -104,17 +96,20 @@ class CausalWan(torch.nn.Module):
         self.heads: int = cfg.num_attention_heads
         self.head_dim: int = cfg.attention_head_dim
         self.num_blocks = len(transformer.blocks)
-        self.rope_max_len: int = cfg.rope_max_seq_len
         transformer.set_attn_processor(
             {f"blocks.{i}.attn1.processor": CausalWanAttnProcessor(i) for i in range(self.num_blocks)}
             | {f"blocks.{i}.attn2.processor": transformer.blocks[i].attn2.processor for i in range(self.num_blocks)}
         )
         rope = transformer.rope
-        half = [rope.t_dim // 2, rope.h_dim // 2, rope.w_dim // 2]
-        # Unique frequencies of each axis: the table repeats each one twice (interleaved pairs).
+        self.rope_theta = 10000.0  # WanRotaryPosEmbed's default, which WanTransformer3DModel uses
+        self._t_half = rope.t_dim // 2
+        # Time frequencies, exact (float64): cos/sin of any frame index are computed, not looked up.
+        self._t_freqs = 1.0 / self.rope_theta ** (torch.arange(0, rope.t_dim, 2, dtype=torch.float64) / rope.t_dim)
+        # Space uses diffusers' table (interleaved pairs: take every other column).
         cos, sin = rope.freqs_cos[:, 0::2], rope.freqs_sin[:, 1::2]  # [max_len, D/2]
-        self._t_cos, self._h_cos, self._w_cos = cos.split(half, dim=1)
-        self._t_sin, self._h_sin, self._w_sin = sin.split(half, dim=1)
+        half = [rope.t_dim // 2, rope.h_dim // 2, rope.w_dim // 2]
+        _, self._h_cos, self._w_cos = cos.split(half, dim=1)
+        _, self._h_sin, self._w_sin = sin.split(half, dim=1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,21 +122,37 @@ class CausalWan(torch.nn.Module):
     def rope_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
+    def _time_angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [...] (ints, any size) -> angles [..., t_dim/2] in float64."""
+        return positions.to(torch.float64).unsqueeze(-1) * self._t_freqs.to(positions.device)
+
     def rope(self, positions: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for every token of frames at ``positions`` ([B, n] ints): [B, n·hp·wp, 1, D/2]."""
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.rope_max_len):
-            raise ValueError(f"RoPE positions {positions.tolist()} outside the table [0, {self.rope_max_len})")
         hp, wp = grid
+        if hp > self._h_cos.shape[0] or wp > self._w_cos.shape[0]:
+            raise ValueError(f"latent grid {hp}x{wp} is larger than the RoPE table ({self._h_cos.shape[0]})")
         b, n = positions.shape
-        pos = positions.to(self._t_cos.device)
+        angles = self._time_angles(positions.cpu())  # [B, n, t/2]
         parts = []
-        for t_tab, h_tab, w_tab in ((self._t_cos, self._h_cos, self._w_cos), (self._t_sin, self._h_sin, self._w_sin)):
-            t = t_tab[pos].view(b, n, 1, 1, -1).expand(b, n, hp, wp, -1)
-            h = h_tab[:hp].view(1, 1, hp, 1, -1).expand(b, n, hp, wp, -1)
-            w = w_tab[:wp].view(1, 1, 1, wp, -1).expand(b, n, hp, wp, -1)
-            table = torch.cat([t, h, w], dim=-1).reshape(b, n * hp * wp, 1, -1)
-            parts.append(table.to(device=self.device, dtype=self.rope_dtype()))
+        for t_tab, h_tab, w_tab in ((angles.cos(), self._h_cos, self._w_cos), (angles.sin(), self._h_sin, self._w_sin)):
+            t = t_tab.to(self.device, self.rope_dtype()).view(b, n, 1, 1, -1).expand(b, n, hp, wp, -1)
+            h = h_tab[:hp].to(self.device, self.rope_dtype()).view(1, 1, hp, 1, -1).expand(b, n, hp, wp, -1)
+            w = w_tab[:wp].to(self.device, self.rope_dtype()).view(1, 1, 1, wp, -1).expand(b, n, hp, wp, -1)
+            parts.append(torch.cat([t, h, w], dim=-1).reshape(b, n * hp * wp, 1, -1))
         return parts[0], parts[1]
+
+    def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin that turn rotated keys ``shifts`` frames forward in time ([B] ints): [B, 1, 1, D/2].
+
+        RoPE rotations compose: R(p + s) = R(s)·R(p); the space axes are left as they are."""
+        angles = self._time_angles(shifts.cpu())  # [B, t/2]
+        rest = self.head_dim // 2 - self._t_half
+        cos = torch.cat([angles.cos(), torch.ones(len(shifts), rest, dtype=torch.float64)], dim=1)
+        sin = torch.cat([angles.sin(), torch.zeros(len(shifts), rest, dtype=torch.float64)], dim=1)
+        return (
+            cos.to(self.device, self.rope_dtype()).view(-1, 1, 1, self.head_dim // 2),
+            sin.to(self.device, self.rope_dtype()).view(-1, 1, 1, self.head_dim // 2),
+        )
 
     def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         _, ph, pw = self.patch_size
@@ -191,5 +202,5 @@ class CausalWan(torch.nn.Module):
         chunk_of = torch.arange(f, device=x.device).repeat_interleave(tokens) // chunk_frames  # [L]
         mask = (chunk_of[None, :] <= chunk_of[:, None]).view(1, 1, f * tokens, f * tokens)
         positions = torch.arange(f).view(1, f).expand(b, f)
-        return self(x, sigma, text, AttnBatch(kv=None, q_rope=self.rope(positions, grid), ctx_rope=None, mask=mask))
+        return self(x, sigma, text, AttnBatch(kv=None, q_rope=self.rope(positions, grid), mask=mask))
 

@@ -4,7 +4,9 @@ import numpy as np
 import torch
 
 from pipeline.engine import Engine
-from pipeline.window import KVWindow, context_frames, rope_positions
+from pipeline.models.causal_wan import apply_rope
+from pipeline.models.loader import load_models
+from pipeline.window import KVWindow, context_frames, sink_shift
 from tests.conftest import tiny_config, with_rope_table
 
 
@@ -16,20 +18,32 @@ def test_context_is_sink_plus_latest_window():
     assert context_frames(20, sink=0, window=4) == (16, 17, 18, 19)
 
 
-def test_rope_positions_keep_true_distances_to_the_window_and_stay_bounded():
-    sink, window, cf = 1, 4, 2
+def test_sink_sits_right_before_the_window_for_ever():
+    sink, window, cf = 2, 4, 2
     for f in range(0, 400, cf):
-        ctx, own = rope_positions(f, cf, sink, window)
         frames = context_frames(f, sink, window)
-        # query-to-window distances are the true frame distances (no jump when the window rolls)
-        for frame, pos in zip(frames, ctx):
-            if frame >= sink:
-                assert own[0] - pos == f - frame
-            else:
-                assert pos == frame
-        assert max(own) < sink + window + cf
-        if f + cf <= sink + window + cf:
-            assert own == tuple(range(f, f + cf))  # short streams: absolute positions
+        shift = sink_shift(f, sink, window)
+        # distance from the query's first frame to each context frame, as the model sees it
+        seen = [f - (frame + shift if frame < sink else frame) for frame in frames]
+        assert all(0 < d <= sink + window for d in seen)
+        if f <= sink + window:
+            assert shift == 0  # short streams: plain absolute positions
+        else:
+            assert seen == [window + sink - s for s in range(sink)] + list(range(window, 0, -1))
+
+
+def test_rope_time_axis_is_exact_and_turns_compose():
+    model = load_models(tiny_config(dtype="float64")).dit
+    table = model.transformer.rope.freqs_cos[:, 0::2][:, : model._t_half]  # diffusers' float32 table
+    cos, _ = model.rope(torch.arange(1024).view(1, -1), (1, 1))
+    assert torch.allclose(cos[0, :, 0, : model._t_half], table.double(), atol=1e-6)
+    # R(p + s) = R(s) R(p), for positions far past the table
+    x = torch.randn(1, 3, 2, model.head_dim, dtype=torch.float64)
+    grid = (1, 3)
+    p, s = 5000, 123
+    at_p = apply_rope(x, model.rope(torch.tensor([[p]]), grid))
+    at_ps = apply_rope(x, model.rope(torch.tensor([[p + s]]), grid))
+    assert torch.allclose(apply_rope(at_p, model.time_shift(torch.tensor([s]))), at_ps, atol=1e-9)
 
 
 def test_ring_evicts_oldest_and_keeps_sink():
