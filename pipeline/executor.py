@@ -43,18 +43,16 @@ class WindowKV:
         # sink frames lead each slot's context; turned forward by each slot's sink_shift at read
         self.sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sink_tokens = windows[0].sink * windows[0].k.shape[2]
-        self.pending: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.read_index = []
+        self.pending: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor]] = []
+        self.read_runs = []
         self.write_frames = []
-        self.write_index = []
         for w, s in zip(windows, slots):
             if not w.holds(s.context):
                 missing = [f for f in s.context if w.held[w.position(f)] != f]
                 raise RuntimeError(f"slot {s.envelope.key}@{s.step} reads frames {missing} not in its KV window")
-            frames = range(s.envelope.frame_start, s.envelope.frame_start + chunk_frames)
-            self.read_index.append(torch.tensor(w.positions(s.context), dtype=torch.long, device=device))
-            self.write_frames.append(frames)
-            self.write_index.append(torch.tensor(w.positions(frames), dtype=torch.long, device=device))
+            self.read_runs.append(w.runs(s.context))
+            self.write_frames.append(range(s.envelope.frame_start, s.envelope.frame_start + chunk_frames))
+        self.device = device
         tpf = windows[0].k.shape[2]
         self.lengths = [len(s.context) * tpf for s in slots]
         self.max_len = max(self.lengths)
@@ -65,8 +63,8 @@ class WindowKV:
         b, own, heads, dim = k.shape
         keys = k.new_empty(b, self.max_len + own, heads, dim)
         values = v.new_empty(b, self.max_len + own, heads, dim)
-        for i, (w, idx, n) in enumerate(zip(self.windows, self.read_index, self.lengths)):
-            w.gather_into(block, idx, keys[i, :n], values[i, :n])
+        for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths)):
+            w.gather_into(block, runs, keys[i, :n], values[i, :n])
             if n < self.max_len:
                 keys[i, n : self.max_len] = 0
                 values[i, n : self.max_len] = 0
@@ -74,23 +72,23 @@ class WindowKV:
         values[:, self.max_len :] = v
         if self.sink_rotation is not None:
             keys[:, : self.sink_tokens] = apply_rope(keys[:, : self.sink_tokens], self.sink_rotation)
-        for i, (w, frames, idx) in enumerate(zip(self.windows, self.write_frames, self.write_index)):
+        for i, (w, frames) in enumerate(zip(self.windows, self.write_frames)):
             if self.defer:
-                self.pending.append((w, block, frames, idx, k[i], v[i]))
+                self.pending.append((w, block, frames, k[i], v[i]))
             else:
-                w.scatter(block, frames, idx, k[i], v[i])
+                w.scatter(block, frames, k[i], v[i])
         return keys, values
 
     def flush(self) -> None:
-        for w, block, frames, idx, k, v in self.pending:
-            w.scatter(block, frames, idx, k, v)
+        for w, block, frames, k, v in self.pending:
+            w.scatter(block, frames, k, v)
         self.pending.clear()
 
     def mask(self, own_tokens: int) -> torch.Tensor | None:
         """Key-padding mask [B, 1, 1, Lc + L], or None when no slot is padded."""
         if all(n == self.max_len for n in self.lengths):
             return None
-        lengths = torch.tensor(self.lengths, device=self.read_index[0].device)
+        lengths = torch.tensor(self.lengths, device=self.device)
         ctx_ok = torch.arange(self.max_len, device=lengths.device)[None, :] < lengths[:, None]
         own_ok = torch.ones(len(self.lengths), own_tokens, dtype=torch.bool, device=lengths.device)
         return torch.cat([ctx_ok, own_ok], dim=1)[:, None, None, :]
