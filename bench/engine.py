@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     models = load_models(config, random_weights=args.random_weights)
     warmup = args.warmup if args.warmup is not None else config.steps + 2
     cases = [Case(e, n) for n in (1, args.sessions) for e in ("streambatch", "sequential")]
-    print(f"bench.engine: {config.model.name} {config.width}x{config.height} {config.dtype} on {config.device}, "
-          f"{config.steps} steps, chunk_frames={config.chunk_frames}, context={config.context}", file=sys.stderr)
+    print(
+        f"bench.engine: {config.model.name} {config.width}x{config.height} {config.dtype} on {config.device}, "
+        f"{config.steps} steps, chunk_frames={config.chunk_frames}, context={config.context}",
+        file=sys.stderr,
+    )
     for r in range(args.rounds):
         for case in cases:
             run_round(case, models, config, warmup, args.ticks)
@@ -167,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'case':<16}{'fps':>9}{'chunks/s':>10}{'ms/tick p50':>13}{'p95':>9}{'DiT ms p50':>12}{'slots':>7}"
     print(header)
     for name, r in results.items():
-        print(f"{name:<16}{r['fps']:>9.2f}{r['chunks_per_s']:>10.2f}{r['ms_per_tick_median']:>13.1f}"
-              f"{r['ms_per_tick_p95']:>9.1f}{r['dit_ms_per_tick_median']:>12.1f}{r['slots_per_tick']:>7.1f}")
-    print(f"StreamBatch / sequential ({many} sessions): {report['speedup']:.2f}x frames/s, "
-          f"{report['dit_speedup']:.2f}x DiT time per tick")
+        print(
+            f"{name:<16}{r['fps']:>9.2f}{r['chunks_per_s']:>10.2f}{r['ms_per_tick_median']:>13.1f}"
+            f"{r['ms_per_tick_p95']:>9.1f}{r['dit_ms_per_tick_median']:>12.1f}{r['slots_per_tick']:>7.1f}"
+        )
+    print(
+        f"StreamBatch / sequential ({many} sessions): {report['speedup']:.2f}x frames/s, "
+        f"{report['dit_speedup']:.2f}x DiT time per tick"
+    )
     print(f"{many} sessions / 1 session (StreamBatch): {report['session_scaling']:.2f}x frames/s")
     print(f"1 session: {report['realtime_factor_1_session']:.2f}x real time at {config.fps} fps")
     if args.json:

@@ -1,6 +1,6 @@
 """Where a tick's time goes: torch.profiler over a few steady-state ticks, top ops by self time.
 
-    python -m bench.profile --config configs/tiny.yaml [--sessions 1] [--ticks 3]
+python -m bench.profile --config configs/tiny.yaml [--sessions 1] [--ticks 3]
 """
 
 from __future__ import annotations

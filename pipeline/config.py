@@ -10,6 +10,7 @@ live in :class:`pipeline.types.UserParams`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def _timesteps(where: str, value: Any) -> tuple[float, ...]:
     ts = tuple(float(t) for t in value)
     if any(not 0 < t <= 1000 for t in ts):
         raise _fail(where, "timesteps", value, "every timestep in (0, 1000]; zero is the clean end, not a step")
-    if any(a <= b for a, b in zip(ts, ts[1:])):
+    if any(a <= b for a, b in itertools.pairwise(ts)):
         raise _fail(where, "timesteps", value, "strictly decreasing (noisiest first)")
     return ts
 
@@ -218,7 +219,9 @@ def load_system_config(path: str | Path, **overrides: Any) -> SystemConfig:
     return build_system_config(data, where=f"system config {str(path)!r}", model_source=overrides.get("model_source"))
 
 
-def build_system_config(data: dict[str, Any], where: str = "system config", model_source: str | None = None) -> SystemConfig:
+def build_system_config(
+    data: dict[str, Any], where: str = "system config", model_source: str | None = None
+) -> SystemConfig:
     _check_keys(where, data, _SYSTEM_FIELDS, {"model", "height", "width"})
     preset = load_model_preset(str(data["model"]))
     device = str(data.get("device", "cpu"))

@@ -57,7 +57,7 @@ class EngineStats:
 def frames_to_tensor(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [1, 3, N, H, W] in [-1, 1]."""
     t = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
-    return (t.permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0)
+    return t.permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0
 
 
 def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
@@ -68,7 +68,11 @@ def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
 
 class Engine:
     def __init__(
-        self, config: SystemConfig, models: Models | None = None, executor: str = "streambatch", keep_latents: bool = False
+        self,
+        config: SystemConfig,
+        models: Models | None = None,
+        executor: str = "streambatch",
+        keep_latents: bool = False,
     ) -> None:
         self.config = config
         self.keep_latents = keep_latents  # DecodedChunk.latents holds x0 (tests, re-encoding)
@@ -179,8 +183,8 @@ class Engine:
             want = (self.config.height, self.config.width, 3)
             if frames.ndim != 4 or tuple(frames.shape[1:]) != want or frames.dtype != np.uint8:
                 raise ValueError(
-                    f"frames of shape {tuple(frames.shape)} and dtype {frames.dtype} are not allowed: uint8 [N, {want[0]}, "
-                    f"{want[1]}, 3]"
+                    f"frames of shape {tuple(frames.shape)} and dtype {frames.dtype} are not allowed: "
+                    f"uint8 [N, {want[0]}, {want[1]}, 3]"
                 )
             if self._backlog(s)[0] >= self._max_pending_chunks:
                 return False
@@ -226,7 +230,10 @@ class Engine:
 
     def _encode_inputs(self) -> None:
         for s in self.sessions.values():
-            while len(s.pending_frames) >= (n := self._frames_needed(s)) and len(s.window.inputs) < self._max_pending_chunks:
+            while (
+                len(s.pending_frames) >= (n := self._frames_needed(s))
+                and len(s.window.inputs) < self._max_pending_chunks
+            ):
                 frames = np.stack(s.pending_frames[:n])
                 del s.pending_frames[:n]
                 video = frames_to_tensor(frames, self.device, self.models.vae.vae.dtype)
@@ -250,7 +257,7 @@ class Engine:
             self.stats.slots += len(plan.slots)
             self.stats.chunks_out += len(out)
             self.stats.frames_out += sum(c.num_frames for c in out)
-            self.stats.tick_seconds = (self.stats.tick_seconds + [time.perf_counter() - t0])[-1000:]
+            self.stats.tick_seconds = ([*self.stats.tick_seconds, time.perf_counter() - t0])[-1000:]
             return out
 
     def _admit(self, plan: TickPlan) -> list[ChunkState]:
@@ -296,7 +303,7 @@ class Engine:
         finished = []
         sigma = torch.tensor([s.sigma for s in plan.slots], dtype=torch.float32, device=self.device)
         x0 = to_x0(torch.stack([c.x for c in chunks]), sigma, velocity)
-        for i, (slot, c) in enumerate(zip(plan.slots, chunks)):
+        for i, (slot, c) in enumerate(zip(plan.slots, chunks, strict=False)):
             w = self.sessions[slot.envelope.session_id].window
             if slot.is_write:
                 w.in_flight.remove(c)

@@ -30,7 +30,9 @@ class SlotInputs:
     text: torch.Tensor  # [B, text_len, text_dim]
 
     def select(self, i: int) -> SlotInputs:
-        return SlotInputs([self.slots[i]], [self.windows[i]], self.x[i : i + 1], self.sigma[i : i + 1], self.text[i : i + 1])
+        return SlotInputs(
+            [self.slots[i]], [self.windows[i]], self.x[i : i + 1], self.sigma[i : i + 1], self.text[i : i + 1]
+        )
 
 
 class WindowKV:
@@ -46,7 +48,7 @@ class WindowKV:
         self.pending: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor]] = []
         self.read_runs = []
         self.write_frames = []
-        for w, s in zip(windows, slots):
+        for w, s in zip(windows, slots, strict=False):
             if not w.holds(s.context):
                 missing = [f for f in s.context if w.held[w.position(f)] != f]
                 raise RuntimeError(f"slot {s.envelope.key}@{s.step} reads frames {missing} not in its KV window")
@@ -63,7 +65,7 @@ class WindowKV:
         b, own, heads, dim = k.shape
         keys = k.new_empty(b, self.max_len + own, heads, dim)
         values = v.new_empty(b, self.max_len + own, heads, dim)
-        for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths)):
+        for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths, strict=False)):
             w.gather_into(block, runs, keys[i, :n], values[i, :n])
             if n < self.max_len:
                 keys[i, n : self.max_len] = 0
@@ -72,7 +74,7 @@ class WindowKV:
         values[:, self.max_len :] = v
         if self.sink_rotation is not None:
             keys[:, : self.sink_tokens] = apply_rope(keys[:, : self.sink_tokens], self.sink_rotation)
-        for i, (w, frames) in enumerate(zip(self.windows, self.write_frames)):
+        for i, (w, frames) in enumerate(zip(self.windows, self.write_frames, strict=False)):
             if self.defer:
                 self.pending.append((w, block, frames, k[i], v[i]))
             else:
@@ -94,8 +96,15 @@ class WindowKV:
         return torch.cat([ctx_ok, own_ok], dim=1)[:, None, None, :]
 
 
-def attn_batch(model: CausalWan, kv: WindowKV, slots: list[Slot], latent_hw: tuple[int, int], chunk_frames: int,
-               sink: int, window: int) -> AttnBatch:
+def attn_batch(
+    model: CausalWan,
+    kv: WindowKV,
+    slots: list[Slot],
+    latent_hw: tuple[int, int],
+    chunk_frames: int,
+    sink: int,
+    window: int,
+) -> AttnBatch:
     """RoPE of the slots' own frames (absolute positions), the sink turn of each slot, the mask."""
     grid = model.grid(latent_hw)
     starts = [s.envelope.frame_start for s in slots]

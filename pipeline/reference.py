@@ -42,7 +42,12 @@ class ListKV:
 
 
 def forward_one(
-    model: CausalWan, config: SystemConfig, x: torch.Tensor, sigma: float, text: torch.Tensor, frame_start: int,
+    model: CausalWan,
+    config: SystemConfig,
+    x: torch.Tensor,
+    sigma: float,
+    text: torch.Tensor,
+    frame_start: int,
     context: list[KV],
 ) -> tuple[torch.Tensor, KV]:
     """Velocity of one slot (x [C, F, h, w]) given its context frames' k/v; returns its own k/v."""
@@ -66,7 +71,12 @@ def split_frames(written: KV, chunk_frames: int) -> list[KV]:
 
 @torch.no_grad()
 def reference_session(
-    model: CausalWan, text_encoder: object, config: SystemConfig, params: UserParams, chunks: int, epoch: int = 0,
+    model: CausalWan,
+    text_encoder: object,
+    config: SystemConfig,
+    params: UserParams,
+    chunks: int,
+    epoch: int = 0,
     first_chunk_index: int = 0,
 ) -> list[torch.Tensor]:
     """x0 latents [C, F, h, w] of the first ``chunks`` chunks of a t2v session under config.context."""
@@ -103,4 +113,3 @@ def reference_session(
         _, written = forward_one(model, config, x0, 0.0, text, f0, context_at(steps))
         versions[(j, steps)] = split_frames(written, cf)
     return outputs
-

@@ -8,6 +8,7 @@ that mixes noise levels (a StreamBatch) needs nothing special.
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import torch
 
@@ -39,7 +40,7 @@ def validate_sigmas(sigmas: tuple[float, ...] | list[float]) -> None:
         raise ValueError("sigmas=() is not allowed: at least one step")
     if any(not 0.0 < s <= 1.0 for s in sigmas):
         raise ValueError(f"sigmas={tuple(sigmas)!r} is not allowed: every sigma in (0, 1]")
-    if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+    if any(a <= b for a, b in itertools.pairwise(sigmas)):
         raise ValueError(f"sigmas={tuple(sigmas)!r} is not allowed: strictly decreasing")
 
 
@@ -76,7 +77,13 @@ def noise_seed(seed: int, epoch: int, chunk_index: int, step: int) -> int:
 
 
 def chunk_noise(
-    seed: int, epoch: int, chunk_index: int, step: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+    seed: int,
+    epoch: int,
+    chunk_index: int,
+    step: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str,
 ) -> torch.Tensor:
     """Fresh Gaussian noise ε for chunk ``chunk_index`` entering ``step``: same inputs, same bits."""
     g = torch.Generator(device="cpu").manual_seed(noise_seed(seed, epoch, chunk_index, step))

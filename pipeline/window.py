@@ -95,7 +95,9 @@ class KVWindow:
                 out.append([p, 1])
         return tuple((a, n) for a, n in out)
 
-    def gather_into(self, block: int, runs: tuple[tuple[int, int], ...], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+    def gather_into(
+        self, block: int, runs: tuple[tuple[int, int], ...], k_out: torch.Tensor, v_out: torch.Tensor
+    ) -> None:
         """Copy k, v of the frames at ``runs`` into ``k_out``, ``v_out``: [n·tokens_per_frame, H, D]."""
         b = block - self.blocks.start
         tpf = self.k.shape[2]
@@ -124,7 +126,7 @@ class KVWindow:
             self.v[b, start : start + count] = v[at : at + count * tpf].unflatten(0, (count, tpf))
             at += count * tpf
         if block == self.blocks.start:
-            for f, p in zip(frames, self.positions(frames)):
+            for f, p in zip(frames, self.positions(frames), strict=False):
                 self.held[p] = f
 
 

@@ -67,8 +67,13 @@ def feed(engine: Engine, sid: str, source: Iterator[np.ndarray], budget: list[in
 
 
 def generate(
-    engine: Engine, params: UserParams, source: VideoFileSource | None, total: int, writer: FileWriter,
-    stop: StopFlag, bar: tqdm,
+    engine: Engine,
+    params: UserParams,
+    source: VideoFileSource | None,
+    total: int,
+    writer: FileWriter,
+    stop: StopFlag,
+    bar: tqdm,
 ) -> int:
     """Run the engine until ``total`` frames are written, the input ends, or ``stop`` is set."""
     config = engine.config
@@ -97,12 +102,29 @@ def generate(
     return writer.frames
 
 
+def parse_timesteps(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--timesteps={text!r} is not allowed: comma-separated numbers, e.g. 700,500,400,200"
+        ) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         out = check_output_path(args.out)
         config = load_system_config(
-            args.config, model_source=args.model, height=args.height, width=args.width, device=args.device,
+            args.config,
+            model_source=args.model,
+            height=args.height,
+            width=args.width,
+            device=args.device,
             dtype=args.dtype,
+            context=args.context,
+            timesteps=parse_timesteps(args.timesteps),
         )
         params = UserParams(prompt=args.prompt, seed=args.seed, strength=args.strength)
         if args.frames is not None and args.frames < 1:
@@ -138,7 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     writer.close()
     elapsed = time.perf_counter() - t0
     seconds = frames / config.fps
-    summary = f"{frames} frames ({seconds:.2f} s of video) to {out} in {elapsed:.2f} s: {seconds / elapsed:.2f}x real time"
+    summary = (
+        f"{frames} frames ({seconds:.2f} s of video) to {out} in {elapsed:.2f} s: {seconds / elapsed:.2f}x real time"
+    )
     if stop:
         print(f"streamer: interrupted by signal {stop.signal}; wrote {summary}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -163,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--width", type=int, default=None, help="override the config's width")
     run.add_argument("--device", default=None, help="override the config's device (cpu, cuda, cuda:N)")
     run.add_argument("--dtype", default=None, help="override the config's dtype")
+    run.add_argument("--timesteps", default=None, help="override the denoising timesteps, e.g. 700,500,400,200")
+    run.add_argument("--context", default=None, help="override the visibility rule: stream or clean")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
     return parser

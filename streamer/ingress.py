@@ -31,8 +31,8 @@ def fit(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
     """One decoded frame -> uint8 [height, width, 3], centre-cropped and scaled."""
     x, y, w, h = crop_box(frame.width, frame.height, width, height)
     if (w, h) != (frame.width, frame.height):
-        rgb = frame.to_ndarray(format="rgb24")[y : y + h, x : x + w]
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        rgb: np.ndarray = frame.to_ndarray(format="rgb24")[y : y + h, x : x + w]
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
     return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
 
 

@@ -203,4 +203,3 @@ class CausalWan(torch.nn.Module):
         mask = (chunk_of[None, :] <= chunk_of[:, None]).view(1, 1, f * tokens, f * tokens)
         positions = torch.arange(f).view(1, f).expand(b, f)
         return self(x, sigma, text, AttnBatch(kv=None, q_rope=self.rope(positions, grid), mask=mask))
-

@@ -37,7 +37,9 @@ class Models:
 def cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move to ``device`` and cast floating weights to ``dtype``, except the modules the model keeps
     in float32 at half precision (diffusers' ``_keep_in_fp32_modules``: norms, time embedder, rope)."""
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype in (torch.bfloat16, torch.float16) else ()
+    keep = (
+        tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype in (torch.bfloat16, torch.float16) else ()
+    )
     model.eval()
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         want = torch.float32 if any(k in name.split(".") for k in keep) else dtype

@@ -29,7 +29,7 @@ class ByteTokenizer:
     vocab_size = 256 + 3
 
     def encode(self, text: str, max_length: int) -> tuple[list[int], list[int]]:
-        ids = [b + self.offset for b in text.encode("utf-8")][: max_length - 1] + [self.eos_id]
+        ids = [*[b + self.offset for b in text.encode("utf-8")][: max_length - 1], self.eos_id]
         mask = [1] * len(ids)
         pad = max_length - len(ids)
         return ids + [self.pad_id] * pad, mask + [0] * pad
@@ -54,8 +54,13 @@ class TextEncoder:
             ids, mask = self.tokenizer.encode(prompt, self.text_len)
             return torch.tensor([ids]), torch.tensor([mask])
         out = self.tokenizer(
-            [prompt], padding="max_length", max_length=self.text_len, truncation=True, add_special_tokens=True,
-            return_attention_mask=True, return_tensors="pt",
+            [prompt],
+            padding="max_length",
+            max_length=self.text_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
         )
         return out.input_ids, out.attention_mask
 

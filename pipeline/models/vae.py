@@ -72,8 +72,8 @@ class StreamingVae:
             want = "1 + 4k frames for a stream's first chunk" if first else "a multiple of 4 frames"
             raise ValueError(f"VAE encode got {n} frames: needs {want}")
         starts = ([0] if first else []) + list(range(1 if first else 0, n, 4))
-        ends = starts[1:] + [n]
-        groups = [frames[:, :, a:b] for a, b in zip(starts, ends)]  # diffusers' grouping: 1, 4, 4, ...
+        ends = [*starts[1:], n]
+        groups = [frames[:, :, a:b] for a, b in zip(starts, ends, strict=False)]  # diffusers' grouping: 1, 4, 4, ...
         outs = [self.vae.encoder(g, feat_cache=stream.enc_cache, feat_idx=[0]) for g in groups]
         h = self.vae.quant_conv(torch.cat(outs, dim=2))
         stream.frames_encoded += n
@@ -89,7 +89,9 @@ class StreamingVae:
         outs = []
         for i in range(x.shape[2]):
             first = stream.latents_decoded == 0
-            outs.append(self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.dec_cache, feat_idx=[0], first_chunk=first))
+            outs.append(
+                self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.dec_cache, feat_idx=[0], first_chunk=first)
+            )
             stream.latents_decoded += 1
         out = torch.cat(outs, dim=2)
         if self.vae.config.patch_size is not None:

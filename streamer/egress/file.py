@@ -27,7 +27,9 @@ def check_output_path(path: str | Path) -> Path:
     no permission). Writes and removes a probe file in the target folder."""
     path = Path(path)
     if path.suffix.lower() not in CONTAINERS:
-        raise OutputError(f"output {str(path)!r}: extension {path.suffix!r} is not supported; use one of {sorted(CONTAINERS)}")
+        raise OutputError(
+            f"output {str(path)!r}: extension {path.suffix!r} is not supported; use one of {sorted(CONTAINERS)}"
+        )
     if path.is_dir():
         raise OutputError(f"output {str(path)!r} is a folder, not a file")
     folder = path.parent if str(path.parent) else Path(".")
@@ -55,6 +57,7 @@ class FileWriter:
         self.width, self.height = width, height
         self._container = av.open(str(self.partial), mode="w", format=fmt)
         stream = self._container.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, fps)

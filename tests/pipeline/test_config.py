@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_bad_sigmas():
         validate_sigmas((0.5, 0.0))
     with pytest.raises(ValueError, match=r"sigmas=\(0.5, 0.7\) is not allowed: strictly decreasing"):
         validate_sigmas((0.5, 0.7))
-    with pytest.raises(ValueError, match="sigmas=()"):
+    with pytest.raises(ValueError, match=re.escape("sigmas=()")):
         validate_sigmas(())
     with pytest.raises(ValueError, match="strength=0"):
         strength_sigmas((1.0, 0.5), 0)
@@ -71,7 +72,7 @@ def test_bad_user_params_name_field_and_value():
     engine = Engine(tiny_config())
     with pytest.raises(ValueError, match=r"unknown user param\(s\) \['colour'\]"):
         engine.open_session({"colour": "red"})
-    with pytest.raises(ValueError, match="strength=1.5 is not allowed"):
+    with pytest.raises(ValueError, match=re.escape("strength=1.5 is not allowed")):
         engine.open_session({"strength": 1.5})
     with pytest.raises(ValueError, match="seed='x' is not allowed"):
         engine.open_session({"seed": "x"})
@@ -89,11 +90,13 @@ def test_model_folder_is_identified_by_its_config_not_its_name(tmp_path):
     save_pretrained(folder, transformer, vae, text, ByteTokenizer())
     models = load_models(dataclasses.replace(tiny_config(), model_source=str(folder)))
     assert models.source == str(folder)
-    for (name, p), q in zip(models.dit.transformer.named_parameters(), transformer.parameters()):
+    for (name, p), q in zip(models.dit.transformer.named_parameters(), transformer.parameters(), strict=False):
         assert torch.equal(p, q), name
     # asking for the 1.3B preset with this folder is refused: it holds 'tiny'
-    big = load_system_config(write_config(tmp_path, model="wan2.1-1.3b", height=480, width=832), model_source=str(folder))
-    with pytest.raises(ConfigError, match="holds 'tiny', but the config asks for 'wan2.1-1.3b'"):
+    big = load_system_config(
+        write_config(tmp_path, model="wan2.1-1.3b", height=480, width=832), model_source=str(folder)
+    )
+    with pytest.raises(ConfigError, match=re.escape("holds 'tiny', but the config asks for 'wan2.1-1.3b'")):
         load_models(big)
 
 
@@ -101,11 +104,15 @@ def test_model_folder_that_matches_no_preset_is_refused(tmp_path):
     empty = tmp_path / "tiny"
     empty.mkdir()
     config = load_system_config(write_config(tmp_path), model_source=str(empty))
-    with pytest.raises(ConfigError, match="does not identify a known model: it has no transformer/config.json"):
+    with pytest.raises(
+        ConfigError, match=re.escape("does not identify a known model: it has no transformer/config.json")
+    ):
         load_models(config)
     odd = tmp_path / "odd"
     (odd / "transformer").mkdir(parents=True)
-    (odd / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", "num_layers": 7}))
+    (odd / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "WanTransformer3DModel", "num_layers": 7})
+    )
     config = load_system_config(write_config(tmp_path), model_source=str(odd))
     with pytest.raises(ConfigError, match="matches none of the known presets"):
         load_models(config)

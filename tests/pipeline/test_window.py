@@ -47,8 +47,17 @@ def test_rope_time_axis_is_exact_and_turns_compose():
 
 
 def test_ring_evicts_oldest_and_keeps_sink():
-    w = KVWindow(range(2), sink=2, window=3, in_flight_frames=2, tokens_per_frame=1, heads=1, head_dim=2,
-                 dtype=torch.float32, device="cpu")
+    w = KVWindow(
+        range(2),
+        sink=2,
+        window=3,
+        in_flight_frames=2,
+        tokens_per_frame=1,
+        heads=1,
+        head_dim=2,
+        dtype=torch.float32,
+        device="cpu",
+    )
     for f in range(40):
         for b in range(2):
             value = torch.full((1, 1, 2), float(f))

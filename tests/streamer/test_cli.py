@@ -13,10 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--height", "32", "--width", "32"]
 
+pytestmark = pytest.mark.slow  # real subprocesses: ~5 s each to import torch and diffusers
+
 
 def streamer(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "streamer", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def read_video(path):
@@ -90,6 +93,9 @@ def test_v2v_from_a_file(tmp_path):
         (["--model", "/definitely/not/here"], "model path '/definitely/not/here' does not exist"),
         (["--strength", "2"], "strength=2.0 is not allowed"),
         (["--frames", "0"], "--frames=0 is not allowed"),
+        (["--timesteps", "700,x"], "--timesteps='700,x' is not allowed"),
+        (["--timesteps", "500,700"], "timesteps=[500.0, 700.0] is not allowed: strictly decreasing"),
+        (["--context", "future"], "context='future' is not allowed"),
     ],
 )
 def test_bad_arguments_are_named_and_nothing_is_written(tmp_path, args, message):
@@ -125,7 +131,9 @@ def test_interrupted_run_leaves_a_playable_file_of_what_was_generated(tmp_path, 
     out = tmp_path / "out.mp4"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamer", "run", "--seconds", "600", "--out", str(out), *SMALL],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # wait for generation to be under way (the progress bar counts frames), then interrupt
     buf = ""
