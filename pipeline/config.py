@@ -254,7 +254,7 @@ def build_system_config(
     max_sessions = positive_int("max_sessions", 4)
     timesteps = _timesteps(where, data["timesteps"]) if data.get("timesteps") is not None else preset.timesteps
     fps = positive_int("fps", preset.fps)
-    # RoPE positions are cache positions (DESIGN §5): bounded by sink + window + one chunk.
+    # Every query-key distance the model sees stays within sink + window + one chunk (pipeline/window.py).
     longest = sink + window + chunk_frames
     if longest > preset.rope_max_seq_len:
         raise _fail(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,6 @@ class _Session:
     window: SessionWindow
     vae: VaeStream  # causal caches of encoder and decoder for the current epoch
     pending_frames: list[np.ndarray] = field(default_factory=list)  # v2v frames not yet encoded
-    input_epoch: int = 0
 
 
 @dataclass
@@ -51,7 +51,7 @@ class EngineStats:
     slots: int = 0
     chunks_out: int = 0
     frames_out: int = 0
-    tick_seconds: list[float] = field(default_factory=list)  # wall time of the last ticks (bounded)
+    tick_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # wall time of recent ticks
 
 
 def frames_to_tensor(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -237,8 +237,7 @@ class Engine:
                 frames = np.stack(s.pending_frames[:n])
                 del s.pending_frames[:n]
                 video = frames_to_tensor(frames, self.device, self.models.vae.vae.dtype)
-                latents = self.models.vae.encode(s.vae, video)[0].to(self.dtype)  # [C, F, h, w]
-                s.window.inputs.append((latents, s.window.epoch))
+                s.window.inputs.append(self.models.vae.encode(s.vae, video)[0].to(self.dtype))  # [C, F, h, w]
 
     def step(self) -> list[DecodedChunk]:
         """One tick: schedule all sessions, run every slot, fold results back, decode what left."""
@@ -250,14 +249,14 @@ class Engine:
             if not plan.slots:
                 return []
             chunks = self._admit(plan)
-            velocity = self.executor.run(self._inputs(plan, chunks))
-            finished = self._update(plan, chunks, velocity)
+            inputs = self._inputs(plan, chunks)
+            finished = self._update(plan, chunks, inputs, self.executor.run(inputs))
             out = [self._decode(c) for c in finished]
             self.stats.ticks += 1
             self.stats.slots += len(plan.slots)
             self.stats.chunks_out += len(out)
             self.stats.frames_out += sum(c.num_frames for c in out)
-            self.stats.tick_seconds = ([*self.stats.tick_seconds, time.perf_counter() - t0])[-1000:]
+            self.stats.tick_seconds.append(time.perf_counter() - t0)
             return out
 
     def _admit(self, plan: TickPlan) -> list[ChunkState]:
@@ -276,8 +275,7 @@ class Engine:
         shape = (self.config.model.latent_channels, self.config.chunk_frames, *self.config.latent_size)
         noise = chunk_noise(env.params.seed, env.epoch, env.chunk_index, 0, shape, self.dtype, self.device)
         if w.mode == "v2v":
-            latents, _ = w.inputs.pop(0)
-            x = add_noise(latents, slot.sigma, noise)
+            x = add_noise(w.inputs.pop(0), slot.sigma, noise)
         else:
             w.demand -= 1
             x = noise
@@ -297,13 +295,14 @@ class Engine:
             text=torch.stack([c.text for c in chunks]),
         )
 
-    def _update(self, plan: TickPlan, chunks: list[ChunkState], velocity: torch.Tensor) -> list[ChunkState]:
+    def _update(
+        self, plan: TickPlan, chunks: list[ChunkState], inputs: SlotInputs, velocity: torch.Tensor
+    ) -> list[ChunkState]:
         """Move results back: x0 -> next σ with fresh noise; clean chunks leave (their σ=0 write
         comes next tick); chunks whose σ=0 write ran are done."""
         finished = []
-        sigma = torch.tensor([s.sigma for s in plan.slots], dtype=torch.float32, device=self.device)
-        x0 = to_x0(torch.stack([c.x for c in chunks]), sigma, velocity)
-        for i, (slot, c) in enumerate(zip(plan.slots, chunks, strict=False)):
+        x0 = to_x0(inputs.x, inputs.sigma, velocity)
+        for i, (slot, c) in enumerate(zip(plan.slots, chunks, strict=True)):
             w = self.sessions[slot.envelope.session_id].window
             if slot.is_write:
                 w.in_flight.remove(c)

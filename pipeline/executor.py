@@ -48,7 +48,7 @@ class WindowKV:
         self.pending: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor]] = []
         self.read_runs = []
         self.write_frames = []
-        for w, s in zip(windows, slots, strict=False):
+        for w, s in zip(windows, slots, strict=True):
             if not w.holds(s.context):
                 missing = [f for f in s.context if w.held[w.position(f)] != f]
                 raise RuntimeError(f"slot {s.envelope.key}@{s.step} reads frames {missing} not in its KV window")
@@ -65,7 +65,7 @@ class WindowKV:
         b, own, heads, dim = k.shape
         keys = k.new_empty(b, self.max_len + own, heads, dim)
         values = v.new_empty(b, self.max_len + own, heads, dim)
-        for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths, strict=False)):
+        for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths, strict=True)):
             w.gather_into(block, runs, keys[i, :n], values[i, :n])
             if n < self.max_len:
                 keys[i, n : self.max_len] = 0
@@ -74,7 +74,7 @@ class WindowKV:
         values[:, self.max_len :] = v
         if self.sink_rotation is not None:
             keys[:, : self.sink_tokens] = apply_rope(keys[:, : self.sink_tokens], self.sink_rotation)
-        for i, (w, frames) in enumerate(zip(self.windows, self.write_frames, strict=False)):
+        for i, (w, frames) in enumerate(zip(self.windows, self.write_frames, strict=True)):
             if self.defer:
                 self.pending.append((w, block, frames, k[i], v[i]))
             else:

@@ -126,7 +126,7 @@ class KVWindow:
             self.v[b, start : start + count] = v[at : at + count * tpf].unflatten(0, (count, tpf))
             at += count * tpf
         if block == self.blocks.start:
-            for f, p in zip(frames, self.positions(frames), strict=False):
+            for f, p in zip(frames, self.positions(frames), strict=True):
                 self.held[p] = f
 
 
@@ -163,7 +163,7 @@ class SessionWindow:
     next_video_frame: int = 0  # output timeline: first video frame of the next chunk
     in_flight: list[ChunkState] = field(default_factory=list)  # oldest first
     demand: int = 0  # t2v: chunks asked for and not yet started
-    inputs: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # v2v: (latents [C,F,h,w], epoch)
+    inputs: list[torch.Tensor] = field(default_factory=list)  # v2v: encoded input chunks [C, F, h, w]
 
     def has_input(self) -> bool:
         return bool(self.inputs) if self.mode == "v2v" else self.demand > 0

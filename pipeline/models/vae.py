@@ -73,7 +73,7 @@ class StreamingVae:
             raise ValueError(f"VAE encode got {n} frames: needs {want}")
         starts = ([0] if first else []) + list(range(1 if first else 0, n, 4))
         ends = [*starts[1:], n]
-        groups = [frames[:, :, a:b] for a, b in zip(starts, ends, strict=False)]  # diffusers' grouping: 1, 4, 4, ...
+        groups = [frames[:, :, a:b] for a, b in zip(starts, ends, strict=True)]  # diffusers' grouping: 1, 4, 4, ...
         outs = [self.vae.encoder(g, feat_cache=stream.enc_cache, feat_idx=[0]) for g in groups]
         h = self.vae.quant_conv(torch.cat(outs, dim=2))
         stream.frames_encoded += n

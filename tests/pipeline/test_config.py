@@ -90,7 +90,7 @@ def test_model_folder_is_identified_by_its_config_not_its_name(tmp_path):
     save_pretrained(folder, transformer, vae, text, ByteTokenizer())
     models = load_models(dataclasses.replace(tiny_config(), model_source=str(folder)))
     assert models.source == str(folder)
-    for (name, p), q in zip(models.dit.transformer.named_parameters(), transformer.parameters(), strict=False):
+    for (name, p), q in zip(models.dit.transformer.named_parameters(), transformer.parameters(), strict=True):
         assert torch.equal(p, q), name
     # asking for the 1.3B preset with this folder is refused: it holds 'tiny'
     big = load_system_config(

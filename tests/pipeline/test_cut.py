@@ -46,7 +46,7 @@ def test_hard_cut_drops_old_epoch_and_restarts_from_empty_context():
     want = reference_session(
         models.dit, models.text, config, UserParams(prompt="after", seed=3), 3, epoch=1, first_chunk_index=first_new
     )
-    for c, ref in zip(after, want, strict=False):
+    for c, ref in zip(after, want, strict=True):
         assert (c.latents - ref).abs().max() < 1e-6
 
 

@@ -35,9 +35,9 @@ def test_streambatch_equals_reference_on_cuda(context):
     while engine.has_work():
         for c in engine.step():
             out.setdefault(c.envelope.session_id, []).append(c.latents)
-    for i, (sid, p) in enumerate(zip(ids, ["a", "b", "c"], strict=False)):
+    for i, (sid, p) in enumerate(zip(ids, ["a", "b", "c"], strict=True)):
         want = reference_session(models.dit, models.text, config, UserParams(prompt=p, seed=i), 6)
-        for got, ref in zip(out[sid], want, strict=False):
+        for got, ref in zip(out[sid], want, strict=True):
             assert (got - ref.cpu()).abs().max() < 1e-4
 
 

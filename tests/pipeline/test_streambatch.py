@@ -48,7 +48,7 @@ def test_executor_equals_reference_loop(context, executor):
         want = reference_session(models.dit, models.text, config, params, chunks)
         chunks_out = got[name]
         assert [c.envelope.chunk_index for c in chunks_out] == list(range(chunks))
-        for c, ref in zip(chunks_out, want, strict=False):
+        for c, ref in zip(chunks_out, want, strict=True):
             diff = (c.latents - ref).abs().max().item()
             assert diff < ATOL, f"session {name} chunk {c.envelope.chunk_index}: max diff {diff}"
 
@@ -94,5 +94,5 @@ def test_same_seed_same_frames_other_seed_other_frames():
         return out
 
     a, b, c = frames(7), frames(7), frames(8)
-    assert all((x == y).all() for x, y in zip(a, b, strict=False))
-    assert any((x != z).any() for x, z in zip(a, c, strict=False))
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert any((x != z).any() for x, z in zip(a, c, strict=True))
