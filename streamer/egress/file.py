@@ -18,6 +18,12 @@ import numpy as np
 CONTAINERS = {".mp4": ("mp4", "libx264"), ".webm": ("webm", "libvpx-vp9")}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class OutputError(ValueError):
     """An output that cannot be written: the message names the path and why."""
 
@@ -51,6 +57,7 @@ class FileWriter:
         self.path = check_output_path(path)
         fmt, codec = CONTAINERS[self.path.suffix.lower()]
         fd, partial = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent or ".")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the finished file gets the usual mode
         os.close(fd)
         self.partial = Path(partial)
         self.frames = 0

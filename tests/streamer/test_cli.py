@@ -1,5 +1,6 @@
 """`streamer run` end to end, in real subprocesses: files, v2v, seeds, bad input, Ctrl-C."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -53,6 +54,13 @@ def test_t2v_writes_a_playable_mp4(tmp_path):
     assert len(frames) == 24 and frames[0].shape == (32, 32, 3)
     assert "x real time" in r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # no partial file left
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # an ordinary file, not mkstemp's 0600
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_webm_output(tmp_path):
