@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo serve test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml requirements.lock
 demo: setup
 	$(BIN)/streamer run --config configs/tiny.yaml --prompt "a lighthouse on a cliff at dusk, waves" \
 		--seconds 5 --out out.mp4
+
+serve: setup
+	$(BIN)/streamer serve --config configs/tiny.yaml --host 127.0.0.1 --port 8080
 
 test: setup
 	$(BIN)/python -m pytest

@@ -153,6 +153,18 @@ class Engine:
                 raise ValueError(f"session {session_id!r} is v2v: give it frames with submit()")
             s.window.demand += chunks
 
+    def set_demand(self, session_id: str, chunks: int) -> None:
+        """t2v: ask for exactly ``chunks`` chunks not yet started (after a cut, say)."""
+        with self._lock:
+            s = self._get(session_id)
+            if s.window.mode != "t2v":
+                raise ValueError(f"session {session_id!r} is v2v: give it frames with submit()")
+            s.window.demand = max(0, chunks)
+
+    def next_chunk_index(self, session_id: str) -> int:
+        with self._lock:
+            return self._get(session_id).window.next_chunk_index
+
     def _backlog(self, s: _Session) -> tuple[int, int]:
         """(input chunks waiting, frames missing for the next one): encoded chunks plus complete
         chunks among the pending frames; an epoch's first chunk takes 3 fewer frames."""
@@ -279,7 +291,8 @@ class Engine:
         else:
             w.demand -= 1
             x = noise
-        chunk = ChunkState(env, slot.sigmas, 0, x, self.models.text(env.params.prompt).to(self.dtype))
+        text = self.models.text(env.params.prompt).to(self.dtype)
+        chunk = ChunkState(env, slot.sigmas, 0, x, text, scheduled_at=time.monotonic())
         w.in_flight.append(chunk)
         w.next_chunk_index += 1
         w.next_frame += self.config.chunk_frames
@@ -328,4 +341,4 @@ class Engine:
             raise RuntimeError(f"chunk {env.key} decoded to {frames.shape[0]} frames, expected {env.num_frames}")
         pts = tuple((env.video_frame + k) * PTS_CLOCK // self.config.fps for k in range(env.num_frames))
         latents = c.x.detach().cpu() if self.keep_latents else None
-        return DecodedChunk(envelope=env, frames=frames, pts=pts, latents=latents)
+        return DecodedChunk(envelope=env, frames=frames, pts=pts, latents=latents, scheduled_at=c.scheduled_at)

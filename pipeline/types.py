@@ -71,6 +71,7 @@ class DecodedChunk:
     frames: np.ndarray = field(repr=False)  # uint8 [N, H, W, 3], on the CPU
     pts: tuple[int, ...]  # per frame, 90 kHz
     latents: Any = field(default=None, repr=False)  # x0 [C, F, h, w] torch tensor, when the engine keeps them
+    scheduled_at: float = 0.0  # time.monotonic() when the chunk was scheduled (entered its window)
 
     @property
     def num_frames(self) -> int:

@@ -139,6 +139,7 @@ class ChunkState:
     step: int  # next step to run; == len(sigmas) when only its σ=0 write is left
     x: torch.Tensor  # [C, F, h, w]: x at sigmas[step], or x0 once clean
     text: torch.Tensor  # [text_len, text_dim] conditioning of its prompt
+    scheduled_at: float = 0.0  # time.monotonic() when it entered the window (latency is measured from it)
 
     @property
     def sigma(self) -> float:

@@ -170,6 +170,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvloop
+    from aiohttp import web
+
+    from streamer.app import ServerOptions, create_app
+    from streamer.signaling import ice_addresses_for, use_ice_addresses
+
+    try:
+        config = load_system_config(
+            args.config, model_source=args.model, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions
+        )
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port={args.port} is not allowed: 1..65535")
+    except (ConfigError, ValueError) as e:
+        print(f"streamer: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    addresses = ice_addresses_for(args.host, args.ice_address)
+    use_ice_addresses(addresses)
+    options = ServerOptions(ice_servers=args.ice_server or [], d_in=args.d_in, d_out=args.d_out)
+    print(
+        f"streamer: serving {config.model.name} {config.width}x{config.height} @ {config.fps} fps on "
+        f"http://{args.host}:{args.port}/ (ICE addresses {addresses}, ICE servers {options.ice_servers})",
+        file=sys.stderr,
+    )
+    web.run_app(create_app(config, options), host=args.host, port=args.port, loop=uvloop.new_event_loop(), print=None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamer", description="Streaming, real-time video generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context", default=None, help="override the visibility rule: stream or clean")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the live demo page and the WebRTC API")
+    serve.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="system config (default: tiny)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--model", default=None, help="weights: a local folder or hub id")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", default=None)
+    serve.add_argument("--max-sessions", type=int, default=None, help="sessions served at once")
+    serve.add_argument("--ice-server", action="append", help="STUN/TURN URL to offer (default: none)")
+    serve.add_argument(
+        "--ice-address", action="append", help="local address ICE may offer (default: loopback for a loopback host)"
+    )
+    serve.add_argument("--d-in", type=int, default=64, help="bound of the command queue to the engine")
+    serve.add_argument("--d-out", type=int, default=2, help="decoded chunks waiting per session")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

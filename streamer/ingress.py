@@ -28,12 +28,18 @@ def crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, 
 
 
 def fit(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-    """One decoded frame -> uint8 [height, width, 3], centre-cropped and scaled."""
+    """One decoded frame -> uint8 [height, width, 3], centre-cropped and scaled.
+
+    Scales first (swscale, keeping the aspect ratio) so that the crop copies a small picture."""
     x, y, w, h = crop_box(frame.width, frame.height, width, height)
-    if (w, h) != (frame.width, frame.height):
-        rgb: np.ndarray = frame.to_ndarray(format="rgb24")[y : y + h, x : x + w]
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
-    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    if (w, h) == (frame.width, frame.height):
+        return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    # the whole frame at the scale that makes the crop box exactly width x height
+    sw, sh = round(frame.width * width / w), round(frame.height * height / h)
+    rgb = frame.reformat(width=sw, height=sh, format="rgb24").to_ndarray()
+    x0, y0 = round(x * width / w), round(y * height / h)
+    x0, y0 = min(x0, sw - width), min(y0, sh - height)
+    return np.ascontiguousarray(rgb[y0 : y0 + height, x0 : x0 + width])
 
 
 class VideoFileSource:

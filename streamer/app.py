@@ -1,0 +1,201 @@
+"""The server: aiohttp on uvloop, WebRTC through aiortc, the demo page from web/.
+
+Routes: ``GET /`` (the demo page and its files), ``POST /api/offer``, ``GET /api/health``,
+``GET /api/metrics``. The engine lives behind an :class:`~streamer.bridge.EngineBridge` started and
+stopped with the app (``cleanup_ctx``); every session is closed, and its memory freed, when its
+client goes away or the server stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiortc import RTCPeerConnection
+
+from pipeline.config import REPO_ROOT, SystemConfig
+from pipeline.engine import Engine, SessionLimitError
+from pipeline.models.loader import Models
+from streamer.bridge import EngineBridge
+from streamer.session import Session
+from streamer.signaling import BadRequest, parse_offer, rtc_configuration
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = REPO_ROOT / "web"
+MAX_BODY_BYTES = 256 * 1024
+
+
+@dataclass
+class ServerOptions:
+    ice_servers: list[str] = field(default_factory=list)  # empty: never contact an outside STUN server
+    d_in: int = 64  # commands waiting for the engine thread
+    d_out: int = 2  # decoded chunks waiting per session (t2v: how far generation runs ahead of playback)
+    reorder_wait: float = 1.0  # seconds reorder waits for a missing chunk before skipping it
+    web_dir: Path = WEB_DIR
+
+
+@dataclass
+class ServerState:
+    config: SystemConfig
+    options: ServerOptions
+    models: Models | None
+    bridge: EngineBridge | None = None
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+    @property
+    def max_sessions(self) -> int:
+        return self.config.max_sessions
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def offer(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    assert state.bridge is not None
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as e:
+        return error(400, f"body is not JSON: {e.msg} at position {e.pos}")
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        parsed = parse_offer(body)
+    except BadRequest as e:
+        return error(400, str(e))
+    if len(state.sessions) >= state.max_sessions:
+        return error(503, f"the server serves its limit of {state.max_sessions} sessions; try again later")
+
+    pc = RTCPeerConnection(rtc_configuration(state.options.ice_servers))
+    cfg = state.config
+    session = Session(
+        state.bridge,
+        pc,
+        parsed.mode,
+        cfg.fps,
+        (cfg.height, cfg.width),
+        cfg.frames_for_chunk(first=False),
+        state.options.reorder_wait,
+    )
+
+    @pc.on("datachannel")
+    def on_datachannel(channel: Any) -> None:
+        if channel.label == "control":
+            session.attach_control(channel)
+
+    @pc.on("track")
+    def on_track(track: Any) -> None:
+        if track.kind == "video" and parsed.mode == "v2v" and session.chunker is None:
+            session.attach_input(track)
+
+    @pc.on("connectionstatechange")
+    async def on_state() -> None:
+        if pc.connectionState in ("failed", "closed"):
+            await drop(state, session)
+
+    try:
+        await pc.setRemoteDescription(parsed.description)
+    except Exception as e:  # aiortc raises ValueError, KeyError, ... on SDP it cannot use
+        await pc.close()
+        return error(400, f"sdp cannot be used: {type(e).__name__}: {e}")
+    try:
+        sid = await session.open(parsed.params)
+    except SessionLimitError as e:
+        await pc.close()
+        return error(503, str(e))
+    except ValueError as e:
+        await pc.close()
+        return error(400, str(e))
+    state.sessions[sid] = session
+    try:
+        pc.addTrack(session.track)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as e:
+        await drop(state, session)
+        return error(400, f"sdp cannot be answered: {type(e).__name__}: {e}")
+    log.info("session %s opened (%s)", sid, parsed.mode)
+    return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session_id": sid})
+
+
+async def drop(state: ServerState, session: Session) -> None:
+    if state.sessions.get(session.sid) is session:
+        del state.sessions[session.sid]
+    await session.close()
+    log.info("session %s closed", session.sid)
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ok = state.bridge is not None and state.bridge.alive
+    body = {
+        "status": "ok" if ok else "error",
+        "model": state.config.model.name,
+        "sessions": len(state.sessions),
+        "max_sessions": state.max_sessions,
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    assert state.bridge is not None
+    sessions = {
+        sid: s.metrics.as_json(s.epoch, s.reorder.stats.skipped, s.chunker.dropped if s.chunker else 0)
+        for sid, s in state.sessions.items()
+    }
+    engine = {
+        "ticks_per_s": round(state.bridge.stats.ticks_per_s(), 2),
+        "ticks": state.bridge.stats.ticks,
+        "sessions": len(state.sessions),
+        "queue_depths": state.bridge.queue_depths(),
+    }
+    return web.json_response({"sessions": sessions, "engine": engine})
+
+
+def static_files(web_dir: Path) -> list[web.RouteDef]:
+    """The demo page: index.html at / and its files beside it (a fixed list, no directory walk)."""
+
+    def serve(path: Path) -> Any:
+        async def handler(_: web.Request) -> web.FileResponse:
+            return web.FileResponse(path)
+
+        return handler
+
+    routes = [web.get("/", serve(web_dir / "index.html"))]
+    for path in sorted(web_dir.iterdir()):
+        if path.is_file() and path.name != "index.html":
+            routes.append(web.get(f"/{path.name}", serve(path)))
+    return routes
+
+
+def create_app(
+    config: SystemConfig, options: ServerOptions | None = None, models: Models | None = None
+) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[STATE] = ServerState(config=config, options=options or ServerOptions(), models=models)
+    api = [web.post("/api/offer", offer), web.get("/api/health", health), web.get("/api/metrics", metrics)]
+    app.add_routes([*api, *static_files(app[STATE].options.web_dir)])
+    app.cleanup_ctx.append(engine_context)
+    return app
+
+
+async def engine_context(app: web.Application) -> AsyncIterator[None]:
+    """Start the engine thread with the app; on shutdown close every session, then stop it."""
+    state = app[STATE]
+    engine = Engine(state.config, state.models)
+    state.bridge = EngineBridge(engine, d_in=state.options.d_in, d_out=state.options.d_out)
+    await state.bridge.start()
+    yield
+    for session in list(state.sessions.values()):
+        await drop(state, session)
+    await state.bridge.stop()

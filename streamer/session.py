@@ -1,0 +1,247 @@
+"""One live session: a peer connection, its control channel, reorder, pacing and metrics.
+
+Data flow of a session (DESIGN §3):
+  bridge D_out ──► reorder (epoch, chunk_index) ──► frame buffer (bounded, blocks) ──► paced track
+  v2v: remote track ──► chunker (newest wins) ──► bridge submit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection
+
+from pipeline.engine import Engine
+from pipeline.types import UserParams
+from streamer.bridge import EngineBridge
+from streamer.chunker import Chunker
+from streamer.egress.webrtc import OutFrame, PacedVideoTrack
+from streamer.reorder import Reorder
+
+log = logging.getLogger(__name__)
+
+MAX_CONTROL_BYTES = 16 * 1024
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+@dataclass
+class SessionMetrics:
+    started: float = field(default_factory=time.monotonic)  # offer received
+    first_frame: float | None = None
+    sent: deque[float] = field(default_factory=lambda: deque(maxlen=600))  # send times of recent frames
+    latency: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # chunk scheduled -> frame sent, s
+    sent_log: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=2000))  # (time, epoch, chunk)
+    chunks_out: int = 0
+    frames_out: int = 0
+    frames_dropped: int = 0  # input frames the engine had no room for + stale output frames
+
+    def fps_out(self, window: float = 2.0) -> float:
+        now = time.monotonic()
+        return sum(1 for t in self.sent if now - t <= window) / window
+
+    def as_json(self, epoch: int, reorder_skipped: int, input_dropped: int) -> dict[str, Any]:
+        lat = [x * 1000 for x in self.latency]
+        return {
+            "fps_out": round(self.fps_out(), 2),
+            "ttff_ms": None if self.first_frame is None else round((self.first_frame - self.started) * 1000, 1),
+            "latency_ms": {k: percentile(lat, q) for k, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+            "epoch": epoch,
+            "chunks_out": self.chunks_out,
+            "frames_out": self.frames_out,
+            "frames_dropped": self.frames_dropped + input_dropped,
+            "chunks_skipped": reorder_skipped,
+        }
+
+
+class Session:
+    """Created by the app on an offer; ``close()`` releases everything it holds."""
+
+    def __init__(
+        self,
+        bridge: EngineBridge,
+        pc: RTCPeerConnection,
+        mode: str,
+        frame_rate: int,
+        frame_size: tuple[int, int],
+        frames_per_chunk: int,
+        reorder_wait: float = 1.0,
+    ) -> None:
+        self.bridge = bridge
+        self.pc = pc
+        self.mode = mode
+        self.frame_rate = frame_rate
+        self.frame_size = frame_size  # (height, width)
+        self.sid = ""
+        self.epoch = 0
+        self.metrics = SessionMetrics()
+        self.reorder: Reorder[Any] = Reorder(max_wait=reorder_wait)
+        # One chunk's frames: the pump blocks on it, so chunks wait in D_out, where a cut can drop them.
+        self.frames: asyncio.Queue[OutFrame] = asyncio.Queue(maxsize=frames_per_chunk)
+        self.track = PacedVideoTrack(self.frames.get, lambda: self.epoch, self._sent, self._stale)
+        self.chunker: Chunker | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed = asyncio.Event()
+        self.cut_acked: float | None = None  # when the last cut was acknowledged (monotonic)
+
+    async def open(self, params: dict[str, Any]) -> str:
+        self.sid = await self.bridge.open_session(params, self.mode)
+        self._spawn(self._pump(), "pump")
+        return self.sid
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.sid}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s task %s failed", self.sid, task.get_name(), exc_info=task.exception())
+
+    # ---- output -------------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Chunks from the bridge, through reorder, into the paced frame buffer."""
+        while True:
+            deadline = self.reorder.deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            chunk = await self.bridge.get_chunk(self.sid, timeout)
+            now = time.monotonic()
+            if chunk is None:
+                ready = self.reorder.poll(now)
+            else:
+                ready = self.reorder.push(chunk.envelope.epoch, chunk.envelope.chunk_index, chunk, now)
+            for c in ready:
+                if c.envelope.epoch < self.epoch:
+                    self.metrics.frames_dropped += c.num_frames
+                    continue
+                self.metrics.chunks_out += 1
+                for rgb, pts in zip(c.frames, c.pts, strict=True):
+                    await self.frames.put(OutFrame(c.envelope.epoch, c.envelope.chunk_index, pts, rgb, c.scheduled_at))
+
+    def _sent(self, frame: OutFrame, when: float) -> None:
+        if self.metrics.first_frame is None:
+            self.metrics.first_frame = when
+        self.metrics.sent.append(when)
+        self.metrics.frames_out += 1
+        self.metrics.latency.append(when - frame.ready)
+        self.metrics.sent_log.append((when, frame.epoch, frame.chunk_index))
+
+    def _stale(self, frame: OutFrame) -> None:
+        self.metrics.frames_dropped += 1
+
+    def flush_stale(self) -> None:
+        """Drop buffered frames of older epochs (after a cut)."""
+        keep = []
+        while not self.frames.empty():
+            f = self.frames.get_nowait()
+            if f.epoch >= self.epoch:
+                keep.append(f)
+            else:
+                self.metrics.frames_dropped += 1
+        for f in keep:
+            self.frames.put_nowait(f)
+
+    # ---- input (v2v) --------------------------------------------------------------------------
+
+    def attach_input(self, track: Any) -> None:
+        height, width = self.frame_size
+        self.chunker = Chunker(self.frame_rate, width, height)
+        self._spawn(self._read_input(track), "ingress")
+        self._spawn(self._submit_input(), "submit")
+
+    async def _read_input(self, track: Any) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        assert self.chunker is not None
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                self.chunker.add(frame, time.monotonic())
+
+    async def _submit_input(self) -> None:
+        """Hand the engine whatever frames arrived; when it is full, these (the oldest) are dropped."""
+        assert self.chunker is not None
+        while True:
+            frames = await self.chunker.take_available()
+            batch = np.stack(frames)
+            taken = await self.bridge.call(functools.partial(Engine.submit, session_id=self.sid, frames=batch))
+            if not taken:
+                self.metrics.frames_dropped += len(frames)
+
+    # ---- control channel ----------------------------------------------------------------------
+
+    def attach_control(self, channel: RTCDataChannel) -> None:
+        @channel.on("message")
+        def on_message(message: Any) -> None:
+            self._spawn(self._control(channel, message), "control")
+
+    async def _control(self, channel: RTCDataChannel, message: Any) -> None:
+        reply = await self.handle_control(message)
+        if channel.readyState == "open":
+            channel.send(json.dumps(reply))
+
+    async def handle_control(self, message: Any) -> dict[str, Any]:
+        """One control message -> its answer: {"type": "ack", "epoch", ...} or {"type": "error", ...}."""
+        try:
+            if isinstance(message, bytes) or len(message) > MAX_CONTROL_BYTES:
+                raise ValueError(f"a control message must be JSON text of at most {MAX_CONTROL_BYTES} bytes")
+            try:
+                msg = json.loads(message)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"control message is not JSON: {e.msg} at position {e.pos}") from None
+            if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+                raise ValueError('a control message is a JSON object with a "type"')
+            kind = msg["type"]
+            if kind == "prompt":
+                unknown = sorted(set(msg) - {"type", "prompt"})
+                if unknown or "prompt" not in msg:
+                    raise ValueError(f'a prompt message has exactly "type" and "prompt"; got {sorted(msg)}')
+                params = await self.bridge.call(lambda e: e.update_params(self.sid, prompt=msg["prompt"]))
+                return {"type": "ack", "of": "prompt", "epoch": self.epoch, "prompt": params.prompt}
+            if kind == "params":
+                changes = {k: v for k, v in msg.items() if k != "type"}
+                UserParams().updated(changes)  # validate before it reaches the engine thread
+                params = await self.bridge.call(lambda e: e.update_params(self.sid, **changes))
+                return {"type": "ack", "of": "params", "epoch": self.epoch, "params": params.__dict__}
+            if kind == "cut":
+                epoch, first = await self.bridge.cut(self.sid)
+                self.epoch = epoch
+                self.reorder.start_epoch(epoch, first)
+                self.flush_stale()
+                self.cut_acked = time.monotonic()
+                return {"type": "ack", "of": "cut", "epoch": epoch}
+            raise ValueError(f"type={kind!r} is not allowed: 'prompt', 'params' or 'cut'")
+        except (ValueError, TypeError, KeyError) as e:
+            return {"type": "error", "message": str(e)}
+
+    # ---- end ----------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.track.stop()
+        await self.pc.close()
+        if self.sid:
+            await self.bridge.close_session(self.sid)

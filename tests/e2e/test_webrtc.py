@@ -1,0 +1,249 @@
+"""The server end to end, with aiortc as the client, on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+
+from streamer.app import STATE, ServerOptions, create_app
+from streamer.signaling import use_ice_addresses
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.asynccontextmanager
+async def serve(**changes: Any) -> AsyncIterator[tuple[str, web.Application]]:
+    use_ice_addresses(["127.0.0.1"])
+    config = tiny_config(**({"max_sessions": 2} | changes))
+    app = create_app(config, ServerOptions())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Client:
+    pc: RTCPeerConnection
+    track: Any
+    control: Any
+    replies: asyncio.Queue[dict[str, Any]]
+    session_id: str
+
+    async def send(self, message: dict[str, Any] | str) -> dict[str, Any]:
+        self.control.send(message if isinstance(message, str) else json.dumps(message))
+        return await asyncio.wait_for(self.replies.get(), 10)
+
+    async def frames(self, n: int, timeout: float = 30) -> list[Any]:
+        return [await asyncio.wait_for(self.track.recv(), timeout) for _ in range(n)]
+
+
+async def post(base: str, path: str, **kw: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.post(base + path, **kw) as r:
+        return r.status, await r.json()
+
+
+async def get(base: str, path: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(base + path) as r:
+        return r.status, await r.json()
+
+
+async def connect(base: str, params: dict[str, Any] | None = None, send: Any = None) -> Client:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    control = pc.createDataChannel("control")
+    replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100)
+    control.on("message", lambda m: replies.put_nowait(json.loads(m)))
+    opened = asyncio.Event()
+    control.on("open", opened.set)
+    if send is None:
+        pc.addTransceiver("video", direction="recvonly")
+    else:
+        pc.addTrack(send)  # sendrecv: our camera goes out, the generated video comes back
+    got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda t: got.done() or got.set_result(t))
+    await pc.setLocalDescription(await pc.createOffer())
+    assert "127.0.0.1" in pc.localDescription.sdp
+    status, body = await post(
+        base, "/api/offer", json={"sdp": pc.localDescription.sdp, "type": "offer", "params": params or {}}
+    )
+    assert status == 200, body
+    answer = body["sdp"]
+    candidates = [line for line in answer.splitlines() if line.startswith("a=candidate")]
+    assert candidates and all(" 127.0.0.1 " in c for c in candidates), candidates  # loopback only
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type=body["type"]))
+    track = await asyncio.wait_for(got, 10)
+    await asyncio.wait_for(opened.wait(), 10)
+    return Client(pc, track, control, replies, body["session_id"])
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_t2v_frames_prompt_and_cut():
+    async def main() -> None:
+        async with serve() as (base, app):
+            client = await connect(base, {"prompt": "a lighthouse", "seed": 3})
+            frames = await client.frames(6)
+            assert frames[0].width == 32 and frames[0].height == 32
+
+            reply = await client.send({"type": "prompt", "prompt": "a storm"})
+            assert reply == {"type": "ack", "of": "prompt", "epoch": 0, "prompt": "a storm"}
+            reply = await client.send({"type": "params", "seed": 9})
+            assert reply["type"] == "ack" and reply["params"]["seed"] == 9
+
+            reply = await client.send({"type": "cut"})
+            assert reply == {"type": "ack", "of": "cut", "epoch": 1}
+            session = app[STATE].sessions[client.session_id]
+            acked = session.cut_acked
+            await client.frames(8)
+            sent_after = [(t, e) for t, e, _ in session.metrics.sent_log if t > acked]
+            assert sent_after and all(e == 1 for _, e in sent_after)  # nothing of epoch 0 after the ack
+
+            status, metrics = await get(base, "/api/metrics")
+            m = metrics["sessions"][client.session_id]
+            assert status == 200 and m["epoch"] == 1 and m["chunks_out"] > 3 and m["ttff_ms"] > 0
+            assert m["latency_ms"]["p50"] is not None and m["fps_out"] > 0
+            assert metrics["engine"]["ticks"] > 0 and "d_in" in metrics["engine"]["queue_depths"]
+            await client.pc.close()
+
+    run(main())
+
+
+def test_two_sessions_at_once_and_a_limit():
+    async def main() -> None:
+        async with serve(max_sessions=2) as (base, app):
+            a, b = await connect(base, {"prompt": "a"}), await connect(base, {"prompt": "b"})
+            fa, fb = await asyncio.gather(a.frames(5), b.frames(5))
+            assert len(fa) == len(fb) == 5
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            status, body = await post(base, "/api/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+            assert status == 503 and "limit of 2 sessions" in body["error"]
+            await pc.close()
+            # a client that vanishes: its session is closed and its engine memory freed
+            engine = app[STATE].bridge.engine
+            await a.pc.close()
+            deadline = time.monotonic() + 30
+            while a.session_id in engine.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert a.session_id not in engine.sessions and a.session_id not in app[STATE].sessions
+            assert len(await b.frames(4)) == 4  # the other one goes on
+            await b.pc.close()
+
+    run(main())
+
+
+def test_bad_input_is_refused_and_the_server_goes_on():
+    async def main() -> None:
+        async with serve() as (base, _):
+            live = await connect(base)
+            cases = [
+                (dict(data=b"{not json"), 400, "body is not JSON"),
+                (dict(json=[1, 2]), 400, "body must be a JSON object"),
+                (dict(json={"sdp": "hello", "type": "offer"}), 400, "sdp='hello' is not allowed"),
+                (dict(json={"sdp": "v=0\r\n" + "x" * 70000, "type": "offer"}), 400, "bytes is not allowed"),
+                (dict(data=b"x" * 300_000), 413, "larger than"),
+                (dict(json={"sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", "type": "offer"}), 400, "sdp cannot"),
+                (dict(json={"sdp": "v=0\r\nm=video", "type": "answer"}), 400, "type='answer' is not allowed"),
+            ]
+            for kw, status, message in cases:
+                got, body = await post(base, "/api/offer", **kw)
+                assert got == status and message in body["error"], (kw, got, body)
+
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            sdp = pc.localDescription.sdp
+            for params, message in [
+                ({"colour": "red"}, "unknown user param(s) ['colour']"),
+                ({"seed": "x"}, "seed='x' is not allowed"),
+                ({"strength": 3}, "strength=3 is not allowed"),
+                ({"prompt": "p" * 5000}, "prompt of 5000 characters is not allowed"),
+            ]:
+                got, body = await post(base, "/api/offer", json={"sdp": sdp, "type": "offer", "params": params})
+                assert got == 400 and message in body["error"], body
+            await pc.close()
+
+            for message, expected in [
+                ("{oops", "control message is not JSON"),
+                (json.dumps([1]), 'a JSON object with a "type"'),
+                (json.dumps({"type": "dance"}), "type='dance' is not allowed"),
+                (json.dumps({"type": "prompt", "prompt": "p" * 5000}), "prompt of 5000 characters"),
+                (json.dumps({"type": "params", "seed": -1}), "seed=-1 is not allowed"),
+                (json.dumps({"type": "params", "volume": 3}), "unknown user param(s) ['volume']"),
+            ]:
+                reply = await live.send(message)
+                assert reply["type"] == "error" and expected in reply["message"], reply
+            assert len(await live.frames(4)) == 4  # still serving
+            status, health = await get(base, "/api/health")
+            assert status == 200 and health["status"] == "ok" and health["sessions"] == 1
+            await live.pc.close()
+
+    run(main())
+
+
+def test_demo_page_is_served():
+    async def main() -> None:
+        async with serve() as (base, _), aiohttp.ClientSession() as http:
+            async with http.get(base + "/") as r:
+                assert r.status == 200 and "<video" in await r.text()
+            async with http.get(base + "/app.js") as r:
+                assert r.status == 200 and "/api/offer" in await r.text()
+            async with http.get(base + "/../pyproject.toml") as r:
+                assert r.status == 404
+
+    run(main())
+
+
+class CountingTrack(VideoStreamTrack):
+    """A camera stand-in: frames at 30 fps whose brightness counts up."""
+
+    def __init__(self, size: tuple[int, int] = (48, 64)) -> None:
+        super().__init__()
+        self.size = size
+        self.n = 0
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        img = np.full((*self.size, 3), (self.n * 7) % 256, np.uint8)
+        self.n += 1
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+def test_v2v_from_a_client_camera():
+    async def main() -> None:
+        async with serve() as (base, app):
+            camera = CountingTrack()
+            client = await connect(base, {"prompt": "ink", "strength": 0.6}, send=camera)
+            frames = await client.frames(40, timeout=60)
+            assert frames[-1].width == 32 and frames[-1].height == 32
+            session = app[STATE].sessions[client.session_id]
+            assert session.chunker is not None and session.chunker.received > 20  # the camera reached it
+            _, metrics = await get(base, "/api/metrics")
+            m = metrics["sessions"][client.session_id]
+            assert m["chunks_out"] >= 10 and m["fps_out"] > 0 and m["ttff_ms"] > 0
+            await client.pc.close()
+
+    run(main())
