@@ -41,7 +41,8 @@ class ModelPreset:
     """A model family member: architecture, where its weights come from, how it samples."""
 
     name: str
-    weights: str  # "random" (seeded random weights) or "pretrained" (needs a source)
+    kind: str  # "wan" (a causal Wan DiT) or "passthrough" (identity denoiser, no VAE: measures the system)
+    weights: str  # "random" (seeded random weights), "pretrained" (needs a source) or "none"
     source: str | None  # default local folder or hub id of the weights; None for "random"
     seed: int  # seed of the random weights ("random" only)
     transformer: dict[str, Any]  # diffusers WanTransformer3DModel config
@@ -162,9 +163,14 @@ def load_model_preset(name: str) -> ModelPreset:
         raise ConfigError(f"model preset {name!r} is unknown; known presets: {known_presets()}")
     data = _read_yaml(path, "model preset")
     where = f"model preset {name!r}"
-    allowed = {"name", "weights", "source", "seed", "transformer", "vae", "text_encoder", "tokenizer"}
+    kind = data.get("kind", "wan")
+    if kind == "passthrough":
+        return _passthrough_preset(name, data, where)
+    if kind != "wan":
+        raise _fail(where, "kind", kind, "'wan' or 'passthrough'")
+    allowed = {"name", "kind", "weights", "source", "seed", "transformer", "vae", "text_encoder", "tokenizer"}
     allowed |= {"text_len", "timesteps", "shift", "fps"}
-    _check_keys(where, data, allowed, allowed - {"source", "seed"})
+    _check_keys(where, data, allowed, allowed - {"source", "seed", "kind"})
     if data["name"] != name:
         raise _fail(where, "name", data["name"], f"the file's own name {name!r}")
     if data["weights"] not in ("random", "pretrained"):
@@ -179,6 +185,7 @@ def load_model_preset(name: str) -> ModelPreset:
         raise _fail(where, "shift", data["shift"], "a positive number")
     return ModelPreset(
         name=name,
+        kind="wan",
         weights=data["weights"],
         source=data.get("source"),
         seed=int(data.get("seed", 0)),
@@ -187,6 +194,33 @@ def load_model_preset(name: str) -> ModelPreset:
         text_encoder=dict(data["text_encoder"]),
         tokenizer=data["tokenizer"],
         text_len=int(data["text_len"]),
+        timesteps=_timesteps(where, data["timesteps"]),
+        shift=float(data["shift"]),
+        fps=int(data["fps"]),
+    )
+
+
+# The passthrough "VAE" packs 4 frames x 8x8 pixels x 3 colours of a latent pixel into channels.
+PASSTHROUGH_CHANNELS = 3 * VAE_TEMPORAL_FACTOR * VAE_SPATIAL_FACTOR * VAE_SPATIAL_FACTOR
+
+
+def _passthrough_preset(name: str, data: dict[str, Any], where: str) -> ModelPreset:
+    """The engine's whole schedule with an identity denoiser and no VAE (pipeline/models/passthrough.py)."""
+    allowed = {"name", "kind", "timesteps", "shift", "fps"}
+    _check_keys(where, data, allowed, allowed)
+    if data["name"] != name:
+        raise _fail(where, "name", data["name"], f"the file's own name {name!r}")
+    return ModelPreset(
+        name=name,
+        kind="passthrough",
+        weights="none",
+        source=None,
+        seed=0,
+        transformer={"patch_size": [1, 1, 1], "num_layers": 1, "rope_max_seq_len": 1 << 20},
+        vae={"z_dim": PASSTHROUGH_CHANNELS},
+        text_encoder={},
+        tokenizer="none",
+        text_len=1,
         timesteps=_timesteps(where, data["timesteps"]),
         shift=float(data["shift"]),
         fps=int(data["fps"]),

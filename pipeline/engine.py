@@ -287,7 +287,7 @@ class Engine:
         shape = (self.config.model.latent_channels, self.config.chunk_frames, *self.config.latent_size)
         noise = chunk_noise(env.params.seed, env.epoch, env.chunk_index, 0, shape, self.dtype, self.device)
         if w.mode == "v2v":
-            x = add_noise(w.inputs.pop(0), slot.sigma, noise)
+            x = self._noised(w.inputs.pop(0), slot.sigma, noise)
         else:
             w.demand -= 1
             x = noise
@@ -328,8 +328,12 @@ class Engine:
             else:
                 shape = tuple(c.x.shape)
                 noise = chunk_noise(env.params.seed, env.epoch, env.chunk_index, c.step, shape, self.dtype, self.device)
-                c.x = add_noise(x0[i], c.sigmas[c.step], noise)
+                c.x = self._noised(x0[i], c.sigmas[c.step], noise)
         return finished
+
+    def _noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+        """x_σ; a passthrough model's latents are left as they are (its denoiser is the identity)."""
+        return x0 if self.config.model.kind == "passthrough" else add_noise(x0, sigma, noise)
 
     def _decode(self, c: ChunkState) -> DecodedChunk:
         s = self.sessions[c.envelope.session_id]

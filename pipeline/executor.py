@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.models.causal_wan import AttnBatch, CausalWan, apply_rope
+from pipeline.models.causal_wan import AttnBatch, Denoiser, apply_rope
 from pipeline.scheduler import Slot
 from pipeline.window import KVWindow, sink_shift
 
@@ -97,7 +97,7 @@ class WindowKV:
 
 
 def attn_batch(
-    model: CausalWan,
+    model: Denoiser,
     kv: WindowKV,
     slots: list[Slot],
     latent_hw: tuple[int, int],
@@ -123,7 +123,7 @@ class Executor(Protocol):
 
 
 class _Base:
-    def __init__(self, model: CausalWan, latent_hw: tuple[int, int], chunk_frames: int, sink: int, window: int) -> None:
+    def __init__(self, model: Denoiser, latent_hw: tuple[int, int], chunk_frames: int, sink: int, window: int) -> None:
         self.model = model
         self.latent_hw = latent_hw
         self.chunk_frames = chunk_frames

@@ -45,6 +45,30 @@ class AttnBatch:
     mask: torch.Tensor | None  # bool [B, 1, 1 or L, Lc + L], True = may attend; None = all
 
 
+class Denoiser(Protocol):
+    """What executors need of a model: :class:`CausalWan`, or the passthrough stand-in."""
+
+    num_blocks: int
+    heads: int
+    head_dim: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]: ...
+
+    def rope(self, positions: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        """Velocity [B, C, F, h, w] of slots x [B, C, F, h, w] at noise levels sigma [B]."""
+        ...
+
+
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate interleaved pairs of the head dim, as diffusers' Wan does. x: [B, L, H, D]."""
     cos, sin = rope

@@ -19,6 +19,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from pipeline.config import ConfigError, ModelPreset, SystemConfig, known_presets, load_model_preset
 from pipeline.models.causal_wan import CausalWan
+from pipeline.models.passthrough import ConstantText, PassthroughDit, PixelPackVae
 from pipeline.models.text import BYTE_TOKENIZER_FILE, ByteTokenizer, TextEncoder
 from pipeline.models.vae import StreamingVae
 
@@ -28,10 +29,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class Models:
     preset: ModelPreset
-    dit: CausalWan
-    vae: StreamingVae
-    text: TextEncoder
-    source: str  # where the weights came from: "random(seed=N)", a folder
+    dit: CausalWan | PassthroughDit
+    vae: StreamingVae | PixelPackVae
+    text: TextEncoder | ConstantText
+    source: str  # where the weights came from: "random(seed=N)", a folder, "passthrough"
 
 
 def cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -88,10 +89,13 @@ def identify(folder: Path) -> str:
             f"{cfg.get('_class_name')!r}, expected 'WanTransformer3DModel'"
         )
     for name in known_presets():
-        ident = load_model_preset(name).identity()
+        preset = load_model_preset(name)
+        if preset.kind != "wan":
+            continue
+        ident = preset.identity()
         if all(cfg.get(k) == v for k, v in ident.items()):
             return name
-    found = {k: cfg.get(k) for k in load_model_preset(known_presets()[0]).identity()}
+    found = {k: cfg.get(k) for k in load_model_preset("tiny").identity()}
     raise ConfigError(
         f"model path {str(folder)!r} does not identify a known model: its transformer {found} matches none of "
         f"the known presets {known_presets()}"
@@ -121,6 +125,10 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
     for them (GPU speed benchmarks of a pretrained architecture: speed does not depend on values)."""
     preset = config.model
     dtype = DTYPES[config.dtype]
+    if preset.kind == "passthrough":
+        device = torch.device(config.device)
+        dit = PassthroughDit(device, dtype)
+        return Models(preset, dit, PixelPackVae(device), ConstantText(device, dtype), source="passthrough")
     source = None if random_weights else (config.model_source or preset.source)
     tokenizer: Any
     if source is None:

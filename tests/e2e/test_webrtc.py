@@ -17,6 +17,8 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
+from bench import frameid
+from pipeline.config import CONFIG_DIR, SystemConfig, load_system_config
 from streamer.app import STATE, ServerOptions, create_app
 from streamer.signaling import use_ice_addresses
 from tests.conftest import tiny_config
@@ -25,9 +27,9 @@ pytestmark = pytest.mark.slow
 
 
 @contextlib.asynccontextmanager
-async def serve(**changes: Any) -> AsyncIterator[tuple[str, web.Application]]:
+async def serve(config: SystemConfig | None = None, **changes: Any) -> AsyncIterator[tuple[str, web.Application]]:
     use_ice_addresses(["127.0.0.1"])
-    config = tiny_config(**({"max_sessions": 2} | changes))
+    config = config or tiny_config(**({"max_sessions": 2} | changes))
     app = create_app(config, ServerOptions())
     runner = web.AppRunner(app)
     await runner.setup()
@@ -244,6 +246,51 @@ def test_v2v_from_a_client_camera():
             _, metrics = await get(base, "/api/metrics")
             m = metrics["sessions"][client.session_id]
             assert m["chunks_out"] >= 10 and m["fps_out"] > 0 and m["ttff_ms"] > 0
+            await client.pc.close()
+
+    run(main())
+
+
+class IdTrack(VideoStreamTrack):
+    """A camera stand-in whose every frame carries its number in pixels; remembers send times."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.n = 0
+        self.sent_at: dict[int, float] = {}
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(frameid.draw(self.n, self.size, self.size), format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        self.sent_at[self.n] = time.monotonic()
+        self.n += 1
+        return frame
+
+
+def test_v2v_passthrough_returns_the_clients_frames_with_their_latency():
+    async def main() -> None:
+        config = load_system_config(CONFIG_DIR / "passthrough.yaml")
+        async with serve(config) as (base, _):
+            camera = IdTrack(config.height)
+            client = await connect(base, send=camera)
+            ids, latency = [], []
+            for _ in range(48):
+                frame = await asyncio.wait_for(client.track.recv(), 30)
+                received = time.monotonic()
+                got = frameid.read(frame.to_ndarray(format="rgb24"))
+                if got is not None and got in camera.sent_at:
+                    ids.append(got)
+                    latency.append(received - camera.sent_at[got])
+            assert len(ids) >= 40  # nearly every frame survives the round trip readable
+            assert ids == sorted(set(ids))  # in order, no repeats
+            assert ids[-1] - ids[0] >= 40  # the camera's own frames, ~30 fps resampled to 16
+            latency.sort()
+            median = latency[len(latency) // 2]
+            print(f"passthrough v2v round trip: {len(ids)} ids, median latency {median * 1000:.0f} ms")
+            # a chunk is 4 frames (250 ms at 16 fps): the camera alone takes ~190 ms to fill one
+            assert 0.1 < median < 1.0, latency
             await client.pc.close()
 
     run(main())

@@ -1,0 +1,117 @@
+"""The passthrough model: the engine's whole schedule with an identity denoiser and no VAE.
+
+It stands in for :class:`~pipeline.models.causal_wan.CausalWan`, :class:`~pipeline.models.vae.StreamingVae`
+and the text encoder with the same interfaces, so scheduler, windows, StreamBatch executor, KV
+writes, reorder, pacing and transport all run as for a real model, while frames come out bit for
+bit as they went in: the latency of the system itself can be measured with frames that survive.
+
+- "VAE": a latent pixel packs the 3 colours x 4 frames x 8x8 pixels it covers into 768 channels
+  (a stream's first latent frame holds one frame, repeated, as the Wan VAE's does).
+- Denoiser: velocity 0, so x0 = x. The engine does not noise a passthrough model's latents.
+- Text: a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR
+from pipeline.models.causal_wan import AttnBatch
+from pipeline.models.vae import VaeStream
+
+
+class PassthroughDit(torch.nn.Module):
+    """Velocity zero for every slot; still writes (empty) keys/values so the window fills as usual."""
+
+    heads = 1
+    head_dim = 2
+    num_blocks = 1
+    patch_size = (1, 1, 1)
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self._device, self._dtype = device, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        return latent_hw
+
+    def rope(self, positions: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = positions.shape
+        ones = torch.ones(b, n * grid[0] * grid[1], 1, 1, device=self._device)
+        return ones, torch.zeros_like(ones)
+
+    def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ones = torch.ones(len(shifts), 1, 1, 1, device=self._device)
+        return ones, torch.zeros_like(ones)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        b, _, f, h, w = x.shape
+        if batch.kv is not None:
+            kv = torch.zeros(b, f * h * w, self.heads, self.head_dim, device=x.device, dtype=self._dtype)
+            batch.kv.exchange(0, kv, kv)
+        return torch.zeros_like(x)
+
+
+class PixelPackVae:
+    """Lossless space-and-time-to-depth in place of the Wan VAE (factors 4 in time, 8 in space)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.vae = _DtypeHolder(torch.float32)
+        self.device = device
+
+    def new_stream(self) -> VaeStream:
+        return VaeStream()
+
+    def encode(self, stream: VaeStream, frames: torch.Tensor) -> torch.Tensor:
+        """frames [1, 3, N, H, W] -> latents [1, 768, n, H/8, W/8]."""
+        t, s = VAE_TEMPORAL_FACTOR, VAE_SPATIAL_FACTOR
+        n = frames.shape[2]
+        first = stream.frames_encoded == 0
+        if (first and (n - 1) % t) or (not first and n % t):
+            want = "1 + 4k frames for a stream's first chunk" if first else "a multiple of 4 frames"
+            raise ValueError(f"passthrough encode got {n} frames: needs {want}")
+        if first:  # the first latent frame holds one frame, as the Wan VAE's does
+            frames = torch.cat([frames[:, :, :1].expand(-1, -1, t, -1, -1), frames[:, :, 1:]], dim=2)
+        stream.frames_encoded += n
+        b, c, total, height, width = frames.shape
+        groups = frames.reshape(b, c, total // t, t, height, width).permute(0, 2, 1, 3, 4, 5)  # [B, n, 3, 4, H, W]
+        packed = F.pixel_unshuffle(groups.reshape(-1, c * t, height, width), s)  # [B·n, 768, h, w]
+        return packed.reshape(b, total // t, -1, height // s, width // s).permute(0, 2, 1, 3, 4).contiguous()
+
+    def decode(self, stream: VaeStream, latents: torch.Tensor) -> torch.Tensor:
+        """latents [1, 768, n, h, w] -> frames [1, 3, N, H, W] (N = 1 + 4(n-1) for a stream's first)."""
+        t, s = VAE_TEMPORAL_FACTOR, VAE_SPATIAL_FACTOR
+        b, _, n, h, w = latents.shape
+        per = latents.permute(0, 2, 1, 3, 4).reshape(b * n, -1, h, w)
+        frames = F.pixel_shuffle(per, s).reshape(b, n, 3, t, h * s, w * s).permute(0, 2, 1, 3, 4, 5)
+        frames = frames.reshape(b, 3, n * t, h * s, w * s)
+        if stream.latents_decoded == 0:
+            frames = frames[:, :, t - 1 :]  # the first latent frame decodes to one frame
+        stream.latents_decoded += n
+        return frames
+
+
+@dataclass(frozen=True)
+class _DtypeHolder:
+    dtype: torch.dtype
+
+
+class ConstantText:
+    """No text encoder: every prompt conditions alike."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self._value = torch.zeros(1, 1, device=device, dtype=dtype)
+
+    def __call__(self, prompt: str) -> torch.Tensor:
+        return self._value
