@@ -73,6 +73,7 @@ class Engine:
         models: Models | None = None,
         executor: str = "streambatch",
         keep_latents: bool = False,
+        max_input_chunks: int | None = None,
     ) -> None:
         self.config = config
         self.keep_latents = keep_latents  # DecodedChunk.latents holds x0 (tests, re-encoding)
@@ -93,7 +94,9 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._max_pending_chunks = 2 * config.steps  # v2v input chunks waiting to enter (backpressure)
+        # v2v input chunks a session may have waiting to enter: a file source can run ahead (default
+        # 2 steps' worth); a live source keeps it small so that waiting input never builds latency.
+        self._max_pending_chunks = max_input_chunks or 2 * config.steps
 
     # ---- sessions -------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ class ServerOptions:
     d_in: int = 64  # commands waiting for the engine thread
     d_out: int = 2  # decoded chunks waiting per session (t2v: how far generation runs ahead of playback)
     reorder_wait: float = 1.0  # seconds reorder waits for a missing chunk before skipping it
+    max_input_chunks: int = 1  # v2v: encoded input chunks waiting in the engine (live: keep it small)
     web_dir: Path = WEB_DIR
 
 
@@ -192,7 +193,7 @@ def create_app(
 async def engine_context(app: web.Application) -> AsyncIterator[None]:
     """Start the engine thread with the app; on shutdown close every session, then stop it."""
     state = app[STATE]
-    engine = Engine(state.config, state.models)
+    engine = Engine(state.config, state.models, max_input_chunks=state.options.max_input_chunks)
     state.bridge = EngineBridge(engine, d_in=state.options.d_in, d_out=state.options.d_out)
     await state.bridge.start()
     yield

@@ -44,19 +44,15 @@ class Chunker:
             self.dropped += 1
         self._ready.set()
 
-    async def take_available(self) -> list[np.ndarray]:
-        """Every frame waiting (oldest first); waits for at least one."""
-        while not self._frames:
-            self._ready.clear()
-            await self._ready.wait()
-        frames = [f for f, _ in self._frames]
-        self._frames.clear()
-        return frames
-
-    async def take(self, n: int) -> tuple[list[np.ndarray], list[float]]:
-        """The next ``n`` frames (oldest first) and their arrival times; waits until there are n."""
+    async def take(self, n: int) -> list[np.ndarray]:
+        """``n`` consecutive frames, the newest ones: waits until there are n, drops (and counts)
+        any older frames still waiting, so a lagging consumer skips ahead instead of falling behind."""
         while len(self._frames) < n:
             self._ready.clear()
             await self._ready.wait()
-        items = [self._frames.popleft() for _ in range(n)]
-        return [f for f, _ in items], [t for _, t in items]
+        while len(self._frames) > n:
+            self._frames.popleft()
+            self.dropped += 1
+        frames = [f for f, _ in self._frames]
+        self._frames.clear()
+        return frames

@@ -177,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from streamer.app import ServerOptions, create_app
-    from streamer.signaling import ice_addresses_for, use_ice_addresses
+    from streamer.signaling import ice_addresses_for, use_consent_interval, use_ice_addresses
 
     try:
         config = load_system_config(
@@ -185,12 +185,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         if not 0 < args.port < 65536:
             raise ValueError(f"--port={args.port} is not allowed: 1..65535")
+        if not 1 <= args.consent_interval <= 30:
+            raise ValueError(f"--consent-interval={args.consent_interval} is not allowed: 1 to 30 seconds")
     except (ConfigError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     addresses = ice_addresses_for(args.host, args.ice_address)
     use_ice_addresses(addresses)
+    use_consent_interval(args.consent_interval)
     options = ServerOptions(ice_servers=args.ice_server or [], d_in=args.d_in, d_out=args.d_out)
     print(
         f"streamer: serving {config.model.name} {config.width}x{config.height} @ {config.fps} fps on "
@@ -234,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ice-server", action="append", help="STUN/TURN URL to offer (default: none)")
     serve.add_argument(
         "--ice-address", action="append", help="local address ICE may offer (default: loopback for a loopback host)"
+    )
+    serve.add_argument(
+        "--consent-interval", type=int, default=2, help="seconds between ICE consent checks (6 missed: client gone)"
     )
     serve.add_argument("--d-in", type=int, default=64, help="bound of the command queue to the engine")
     serve.add_argument("--d-out", type=int, default=2, help="decoded chunks waiting per session")

@@ -48,7 +48,7 @@ class SessionMetrics:
     sent_log: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=2000))  # (time, epoch, chunk)
     chunks_out: int = 0
     frames_out: int = 0
-    frames_dropped: int = 0  # input frames the engine had no room for + stale output frames
+    frames_dropped: int = 0  # stale output frames (a cut); input drops are the chunker's
 
     def fps_out(self, window: float = 2.0) -> float:
         now = time.monotonic()
@@ -96,10 +96,12 @@ class Session:
         self.chunker: Chunker | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = asyncio.Event()
+        self.opened = asyncio.Event()  # the engine session exists (the remote track may come first)
         self.cut_acked: float | None = None  # when the last cut was acknowledged (monotonic)
 
     async def open(self, params: dict[str, Any]) -> str:
         self.sid = await self.bridge.open_session(params, self.mode)
+        self.opened.set()
         self._spawn(self._pump(), "pump")
         return self.sid
 
@@ -175,14 +177,17 @@ class Session:
                 self.chunker.add(frame, time.monotonic())
 
     async def _submit_input(self) -> None:
-        """Hand the engine whatever frames arrived; when it is full, these (the oldest) are dropped."""
+        """Give the engine the newest frames when it has room for a chunk; until then the chunker
+        keeps only the newest, so a live source never builds latency."""
         assert self.chunker is not None
+        await self.opened.wait()
         while True:
-            frames = await self.chunker.take_available()
-            batch = np.stack(frames)
-            taken = await self.bridge.call(functools.partial(Engine.submit, session_id=self.sid, frames=batch))
-            if not taken:
-                self.metrics.frames_dropped += len(frames)
+            need = await self.bridge.call(functools.partial(Engine.wants_frames, session_id=self.sid))
+            if not need:
+                await asyncio.sleep(0.5 / self.frame_rate)
+                continue
+            batch = np.stack(await self.chunker.take(need))
+            await self.bridge.call(functools.partial(Engine.submit, session_id=self.sid, frames=batch))
 
     # ---- control channel ----------------------------------------------------------------------
 

@@ -62,6 +62,15 @@ def use_ice_addresses(addresses: list[str]) -> None:
     aioice.ice.get_host_addresses = get_host_addresses
 
 
+def use_consent_interval(seconds: int) -> None:
+    """How often ICE checks that the peer still consents (RFC 7675); after 6 failed checks in a row
+    the connection fails and the server closes the session. aioice's 5 s keeps a vanished client's
+    session (and its engine memory) for ~30 s; a server wants to notice sooner."""
+    if not isinstance(seconds, int) or not 1 <= seconds <= 30:
+        raise ValueError(f"consent interval {seconds!r} s is not allowed: a whole number of seconds, 1 to 30")
+    aioice.ice.CONSENT_INTERVAL = seconds
+
+
 def rtc_configuration(ice_servers: list[str]) -> RTCConfiguration:
     """An explicit (by default empty) ICE server list: aiortc otherwise adds a public STUN server."""
     return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in ice_servers])

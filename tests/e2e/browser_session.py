@@ -14,19 +14,14 @@ import fcntl
 import json
 import socket
 import struct
-import sys
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from playwright.async_api import async_playwright
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.config import CONFIG_DIR, load_system_config, replace  # noqa: E402
-from streamer.app import ServerOptions, create_app  # noqa: E402
-from streamer.signaling import use_ice_addresses  # noqa: E402
+from pipeline.config import CONFIG_DIR, load_system_config, replace
+from streamer.app import ServerOptions, create_app
+from streamer.signaling import use_ice_addresses
 
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,7 +22,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, V
 from bench import frameid
 from pipeline.config import CONFIG_DIR, SystemConfig, load_system_config
 from streamer.app import STATE, ServerOptions, create_app
-from streamer.signaling import use_ice_addresses
+from streamer.signaling import use_consent_interval, use_ice_addresses
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.slow
 @contextlib.asynccontextmanager
 async def serve(config: SystemConfig | None = None, **changes: Any) -> AsyncIterator[tuple[str, web.Application]]:
     use_ice_addresses(["127.0.0.1"])
+    use_consent_interval(1)  # a vanished client is noticed after ~6 s
     config = config or tiny_config(**({"max_sessions": 2} | changes))
     app = create_app(config, ServerOptions())
     runner = web.AppRunner(app)
@@ -292,5 +295,33 @@ def test_v2v_passthrough_returns_the_clients_frames_with_their_latency():
             # a chunk is 4 frames (250 ms at 16 fps): the camera alone takes ~190 ms to fill one
             assert 0.1 < median < 1.0, latency
             await client.pc.close()
+
+    run(main())
+
+
+def test_a_client_that_vanishes_without_a_word_is_closed_and_freed():
+    async def main() -> None:
+        async with serve() as (base, app):
+            other = await connect(base)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(Path(__file__).with_name("client_process.py")),
+                base,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            sid = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
+            engine = app[STATE].bridge.engine
+            assert sid in engine.sessions
+            proc.kill()  # SIGKILL: no DTLS close, no SCTP abort, nothing
+            await proc.wait()
+            deadline = time.monotonic() + 40
+            while sid in app[STATE].sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert sid not in app[STATE].sessions and sid not in engine.sessions
+            _, metrics = await get(base, "/api/metrics")
+            assert sid not in metrics["sessions"]
+            assert len(await other.frames(4)) == 4  # the other session never noticed
+            await other.pc.close()
 
     run(main())
