@@ -159,3 +159,52 @@ def test_interrupted_run_leaves_a_playable_file_of_what_was_generated(tmp_path, 
     frames, _, _ = read_video(out)
     assert written > 0 and len(frames) == written
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_health_and_stops_cleanly_on_sigint():
+    import json
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "serve", "--port", str(port), "--max-sessions", "3"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+        assert health == {"status": "ok", "model": "tiny", "sessions": 0, "max_sessions": 3}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 0, err
+    assert "ICE addresses ['127.0.0.1'], ICE servers []" in err  # loopback only, no STUN server
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "0"], "--port=0 is not allowed"),
+        (["--consent-interval", "0"], "--consent-interval=0 is not allowed"),
+    ],
+)
+def test_serve_bad_arguments(args, message):
+    r = streamer("serve", *args)
+    assert r.returncode == 2 and message in r.stderr
