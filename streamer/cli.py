@@ -1,173 +1,16 @@
-"""``streamer`` command line: ``streamer run`` generates a video file (t2v, or v2v with ``--input``).
+"""``streamer`` command line: ``streamer run`` (files and live streams) and ``streamer serve``.
 
-Exit status: 0 done; 2 bad input (the message names the field or path and the value); 130
-interrupted by SIGINT/SIGTERM, after finishing a playable file of every frame generated so far.
+Exit status: 0 done; 2 bad input (the message names the field, path or URL and the value); 3 an
+output failed; 130 interrupted by SIGINT/SIGTERM (files are finished and playable).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
-import signal
 import sys
-import time
-from collections.abc import Iterator
-from types import FrameType
 
-import numpy as np
-from tqdm import tqdm
-
-from pipeline.config import CONFIG_DIR, ConfigError, SystemConfig, load_system_config
-from pipeline.engine import Engine
-from pipeline.types import UserParams
-from streamer.egress.file import FileWriter, OutputError, check_output_path
-from streamer.ingress import InputError, VideoFileSource
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop between ticks; a second SIGINT interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
-def chunks_for(config: SystemConfig, frames: int) -> int:
-    """t2v chunks that make at least ``frames`` video frames."""
-    first = config.frames_for_chunk(first=True)
-    return 1 + max(0, math.ceil((frames - first) / config.frames_for_chunk(first=False)))
-
-
-def feed(engine: Engine, sid: str, source: Iterator[np.ndarray], budget: list[int]) -> bool:
-    """v2v: give the engine the frames it wants now; False once the source or budget is spent."""
-    while budget[0] > 0 and (n := engine.wants_frames(sid)):
-        frames = list(itertools.islice(source, min(n, budget[0])))
-        if frames:
-            engine.submit(sid, np.stack(frames))
-            budget[0] -= len(frames)
-        if len(frames) < n:
-            return False
-    return budget[0] > 0
-
-
-def generate(
-    engine: Engine,
-    params: UserParams,
-    source: VideoFileSource | None,
-    total: int,
-    writer: FileWriter,
-    stop: StopFlag,
-    bar: tqdm,
-) -> int:
-    """Run the engine until ``total`` frames are written, the input ends, or ``stop`` is set."""
-    config = engine.config
-    if source is None:
-        sid = engine.open_session(params, mode="t2v")
-        engine.request(sid, chunks_for(config, total))
-        more_input = False
-    else:
-        sid = engine.open_session(params, mode="v2v")
-        frames_in = iter(source)
-        budget = [total]
-        more_input = feed(engine, sid, frames_in, budget)
-    start = time.perf_counter()
-    while writer.frames < total and not stop:
-        if source is not None and more_input:
-            more_input = feed(engine, sid, frames_in, budget)
-        if not engine.has_work():
-            break
-        for chunk in engine.step():
-            frames = chunk.frames[: total - writer.frames]
-            writer.write(frames)
-            bar.update(len(frames))
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{writer.frames / config.fps / elapsed:.2f}x real time", refresh=False)
-    engine.close_session(sid)
-    return writer.frames
-
-
-def parse_timesteps(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(t) for t in text.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"--timesteps={text!r} is not allowed: comma-separated numbers, e.g. 700,500,400,200"
-        ) from None
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        out = check_output_path(args.out)
-        config = load_system_config(
-            args.config,
-            model_source=args.model,
-            height=args.height,
-            width=args.width,
-            device=args.device,
-            dtype=args.dtype,
-            context=args.context,
-            timesteps=parse_timesteps(args.timesteps),
-        )
-        params = UserParams(prompt=args.prompt, seed=args.seed, strength=args.strength)
-        if args.frames is not None and args.frames < 1:
-            raise ValueError(f"--frames={args.frames} is not allowed: at least 1")
-        if args.seconds <= 0:
-            raise ValueError(f"--seconds={args.seconds} is not allowed: more than 0")
-        total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
-        source = VideoFileSource(args.input, config.width, config.height, config.fps) if args.input else None
-        engine = Engine(config)
-    except (ConfigError, OutputError, InputError, ValueError) as e:
-        print(f"streamer: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    mode = f"v2v from {args.input}" if source else "t2v"
-    print(
-        f"streamer: {config.model.name} ({engine.models.source}) {mode}, {config.width}x{config.height} "
-        f"@ {config.fps} fps, {config.steps} steps, context={config.context}, {total} frames -> {out}",
-        file=sys.stderr,
-    )
-    writer = FileWriter(out, config.width, config.height, config.fps)
-    stop = StopFlag()
-    bar = tqdm(total=total, unit="frame", desc="generating", file=sys.stderr, disable=args.quiet)
-    t0 = time.perf_counter()
-    try:
-        frames = generate(engine, params, source, total, writer, stop, bar)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-        stop.restore()
-        if source is not None:
-            source.close()
-    writer.close()
-    elapsed = time.perf_counter() - t0
-    seconds = frames / config.fps
-    summary = (
-        f"{frames} frames ({seconds:.2f} s of video) to {out} in {elapsed:.2f} s: {seconds / elapsed:.2f}x real time"
-    )
-    if stop:
-        print(f"streamer: interrupted by signal {stop.signal}; wrote {summary}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(f"streamer: wrote {summary}", file=sys.stderr)
-    return 0
+from pipeline.config import CONFIG_DIR, ConfigError, load_system_config
+from streamer.run import EXIT_BAD_INPUT, cmd_run
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -212,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", default="", help="text prompt")
     run.add_argument("--seconds", type=float, default=5.0, help="seconds of video to generate (default 5)")
     run.add_argument("--frames", type=int, default=None, help="frames to generate (overrides --seconds)")
-    run.add_argument("--out", required=True, help="output file: .mp4 (H.264) or .webm (VP9)")
+    run.add_argument(
+        "--out",
+        action="append",
+        default=[],
+        help="a .mp4 (H.264) or .webm (VP9) file, or rtmp://host/app/key; repeatable",
+    )
+    run.add_argument("--also-record", action="append", default=[], help="a file that gets every frame, also")
+    run.add_argument("--retry-seconds", type=float, default=10.0, help="how long a stream output retries (default 10)")
+    run.add_argument("--keyframe-seconds", type=float, default=2.0, help="stream keyframe interval (default 2)")
+    run.add_argument("--fps", type=int, default=None, help="override the config's frames per second")
     run.add_argument("--input", default=None, help="v2v: a video file or anything PyAV opens")
     run.add_argument("--seed", type=int, default=0, help="same seed, same frames")
     run.add_argument("--strength", type=float, default=1.0, help="v2v: noise the input to this sigma, (0, 1]")

@@ -55,6 +55,7 @@ class FileWriter:
 
     def __init__(self, path: str | Path, width: int, height: int, fps: int, crf: int = 20) -> None:
         self.path = check_output_path(path)
+        self.name = str(self.path)
         fmt, codec = CONTAINERS[self.path.suffix.lower()]
         fd, partial = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent or ".")
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the finished file gets the usual mode

@@ -155,7 +155,7 @@ def test_interrupted_run_leaves_a_playable_file_of_what_was_generated(tmp_path, 
     assert proc.returncode == 130, buf + rest
     said = [line for line in rest.splitlines() if "interrupted by signal" in line]
     assert said, rest
-    written = int(said[0].split("wrote ")[1].split(" frames")[0])
+    written = int(said[0].split("generated ")[1].split(" frames")[0])
     frames, _, _ = read_video(out)
     assert written > 0 and len(frames) == written
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]

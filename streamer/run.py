@@ -1,0 +1,261 @@
+"""``streamer run``: generate into files and live streams (t2v, or v2v with ``--input``).
+
+Exit status: 0 done; 2 bad input (the message names the field, path or URL and the value); 3 an
+output failed (a stream that could not connect, or was lost for longer than ``--retry-seconds``);
+130 interrupted by SIGINT/SIGTERM, after finishing a playable file of every frame generated so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, SystemConfig, load_system_config
+from pipeline.engine import Engine
+from pipeline.types import UserParams
+from streamer.egress.file import FileWriter, OutputError, check_output_path
+from streamer.egress.outputs import OutputReport, OutputThread, Sink
+from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
+from streamer.ingress import InputError, VideoFileSource
+
+EXIT_BAD_INPUT = 2
+EXIT_OUTPUT_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+FILE_QUEUE_SECONDS = 10.0  # a file's queue: every frame is kept unless encoding lags 10 s behind
+STREAM_QUEUE_SECONDS = 1.0  # a live stream's queue: it stays within a second of now
+LEAD_SECONDS = 0.5  # with a live stream, generation runs at most this far ahead of the wall clock
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop between ticks; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One ``--out``/``--also-record`` destination, checked before any work starts."""
+
+    where: str  # a file path or a stream URL
+    stream: bool  # True for rtmp:// URLs
+
+
+def check_targets(outs: list[str], also_record: list[str]) -> list[Target]:
+    targets = []
+    for where in [*outs, *also_record]:
+        if is_stream_url(where):
+            targets.append(Target(check_rtmp_url(where), stream=True))
+        else:
+            targets.append(Target(str(check_output_path(where)), stream=False))
+    seen = [t.where for t in targets]
+    dupes = sorted({w for w in seen if seen.count(w) > 1})
+    if dupes:
+        raise OutputError(f"output(s) {dupes} given more than once")
+    return targets
+
+
+def chunks_for(config: SystemConfig, frames: int) -> int:
+    """t2v chunks that make at least ``frames`` video frames."""
+    first = config.frames_for_chunk(first=True)
+    return 1 + max(0, math.ceil((frames - first) / config.frames_for_chunk(first=False)))
+
+
+def feed(engine: Engine, sid: str, source: Iterator[np.ndarray], budget: list[int]) -> bool:
+    """v2v: give the engine the frames it wants now; False once the source or budget is spent."""
+    while budget[0] > 0 and (n := engine.wants_frames(sid)):
+        frames = list(itertools.islice(source, min(n, budget[0])))
+        if frames:
+            engine.submit(sid, np.stack(frames))
+            budget[0] -= len(frames)
+        if len(frames) < n:
+            return False
+    return budget[0] > 0
+
+
+def generate(
+    engine: Engine,
+    params: UserParams,
+    source: VideoFileSource | None,
+    total: int,
+    outputs: list[OutputThread],
+    stop: StopFlag,
+    bar: tqdm,
+    realtime: bool = False,
+) -> int:
+    """Run the engine until ``total`` frames are made, the input ends, or ``stop`` is set.
+
+    ``realtime`` (a live stream among the outputs): generation keeps at most ``LEAD_SECONDS`` ahead of
+    the wall clock, so a stream's queue holds what it should send next, not what it must drop."""
+    config = engine.config
+    if source is None:
+        sid = engine.open_session(params, mode="t2v")
+        engine.request(sid, chunks_for(config, total))
+        more_input = False
+    else:
+        sid = engine.open_session(params, mode="v2v")
+        frames_in = iter(source)
+        budget = [total]
+        more_input = feed(engine, sid, frames_in, budget)
+    made = 0
+    start = time.perf_counter()
+    while made < total and not stop:
+        if realtime and (ahead := made / config.fps - (time.perf_counter() - start)) > LEAD_SECONDS:
+            time.sleep(ahead - LEAD_SECONDS)
+            continue
+        if source is not None and more_input:
+            more_input = feed(engine, sid, frames_in, budget)
+        if not engine.has_work():
+            break
+        for chunk in engine.step():
+            frames = chunk.frames[: total - made]
+            for out in outputs:
+                out.put(frames)
+            made += len(frames)
+            bar.update(len(frames))
+            bar.set_postfix_str(f"{made / config.fps / (time.perf_counter() - start):.2f}x real time", refresh=False)
+    engine.close_session(sid)
+    return made
+
+
+def open_sinks(targets: list[Target], config: SystemConfig, args: argparse.Namespace) -> list[OutputThread]:
+    """Files open at once; streams connect now (retrying up to --retry-seconds) so that a receiver
+    started a little later still gets the stream from its first frame."""
+    threads: list[OutputThread] = []
+
+    def failed(name: str, error: str) -> None:
+        print(f"streamer: output {name} failed: {error}; going on without it", file=sys.stderr)
+
+    try:
+        for t in targets:
+            sink: Sink
+            if t.stream:
+                rtmp = RtmpWriter(
+                    t.where, config.width, config.height, config.fps, args.keyframe_seconds, args.retry_seconds
+                )
+                rtmp.connect()
+                sink, seconds = rtmp, STREAM_QUEUE_SECONDS
+            else:
+                sink, seconds = FileWriter(t.where, config.width, config.height, config.fps), FILE_QUEUE_SECONDS
+            threads.append(OutputThread(sink, capacity=max(8, round(seconds * config.fps)), on_error=failed))
+    except BaseException:
+        for th in threads:
+            th.abort()
+        raise
+    return threads
+
+
+def describe(report: OutputReport) -> str:
+    text = f"{report.name}: {report.frames} frames"
+    if report.dropped:
+        text += f", {report.dropped} dropped ({report.policy})"
+    if report.error:
+        text += f", FAILED: {report.error}"
+    return text
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        if not args.out:
+            raise OutputError("give at least one --out (a .mp4/.webm file or an rtmp:// URL)")
+        targets = check_targets(args.out, args.also_record or [])
+        if args.retry_seconds < 0:
+            raise ValueError(f"--retry-seconds={args.retry_seconds} is not allowed: 0 or more")
+        if args.keyframe_seconds <= 0:
+            raise ValueError(f"--keyframe-seconds={args.keyframe_seconds} is not allowed: more than 0")
+        config = load_system_config(
+            args.config,
+            model_source=args.model,
+            height=args.height,
+            width=args.width,
+            device=args.device,
+            dtype=args.dtype,
+            context=args.context,
+            timesteps=parse_timesteps(args.timesteps),
+            fps=args.fps,
+        )
+        params = UserParams(prompt=args.prompt, seed=args.seed, strength=args.strength)
+        if args.frames is not None and args.frames < 1:
+            raise ValueError(f"--frames={args.frames} is not allowed: at least 1")
+        if args.seconds <= 0:
+            raise ValueError(f"--seconds={args.seconds} is not allowed: more than 0")
+        total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
+        source = VideoFileSource(args.input, config.width, config.height, config.fps) if args.input else None
+        engine = Engine(config)
+    except (ConfigError, OutputError, InputError, ValueError) as e:
+        print(f"streamer: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    mode = f"v2v from {args.input}" if source else "t2v"
+    names = ", ".join(t.where for t in targets)
+    print(
+        f"streamer: {config.model.name} ({engine.models.source}) {mode}, {config.width}x{config.height} "
+        f"@ {config.fps} fps, {config.steps} steps, context={config.context}, {total} frames -> {names}",
+        file=sys.stderr,
+    )
+    try:
+        outputs = open_sinks(targets, config, args)
+    except OutputError as e:
+        print(f"streamer: error: {e}", file=sys.stderr)
+        if source is not None:
+            source.close()
+        return EXIT_OUTPUT_FAILED
+    stop = StopFlag()
+    bar = tqdm(total=total, unit="frame", desc="generating", file=sys.stderr, disable=args.quiet)
+    t0 = time.perf_counter()
+    try:
+        made = generate(engine, params, source, total, outputs, stop, bar, realtime=any(t.stream for t in targets))
+    except BaseException:
+        for out in outputs:
+            out.abort()
+        raise
+    finally:
+        bar.close()
+        stop.restore()
+        if source is not None:
+            source.close()
+    reports = [out.finish() for out in outputs]
+    elapsed = time.perf_counter() - t0
+    seconds = made / config.fps
+    summary = f"{made} frames ({seconds:.2f} s of video) in {elapsed:.2f} s: {seconds / elapsed:.2f}x real time"
+    for r in reports:
+        print(f"streamer:   {describe(r)}", file=sys.stderr)
+    if stop:
+        print(f"streamer: interrupted by signal {stop.signal}; generated {summary}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"streamer: generated {summary}", file=sys.stderr)
+    return EXIT_OUTPUT_FAILED if any(r.error for r in reports) else 0
+
+
+def parse_timesteps(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--timesteps={text!r} is not allowed: comma-separated numbers, e.g. 700,500,400,200"
+        ) from None
