@@ -45,6 +45,15 @@ class _Session:
     pending_frames: list[np.ndarray] = field(default_factory=list)  # v2v frames not yet encoded
 
 
+@dataclass(frozen=True)
+class SessionProgress:
+    next_video_frame: int  # first video frame of the next chunk to start (output timeline)
+    demand: int  # t2v: chunks asked for and not started
+    denoising: int  # chunks in flight that are not clean yet
+    in_flight: int  # chunks in the window, the one waiting for its σ=0 write included
+    epoch: int
+
+
 @dataclass
 class EngineStats:
     ticks: int = 0
@@ -164,18 +173,31 @@ class Engine:
                 raise ValueError(f"session {session_id!r} is v2v: give it frames with submit()")
             s.window.demand = max(0, chunks)
 
+    def progress(self, session_id: str) -> SessionProgress:
+        """Where the session stands: the next chunk's first video frame, demand, chunks in flight."""
+        with self._lock:
+            w = self._get(session_id).window
+            in_flight = sum(1 for c in w.in_flight if not c.clean)
+            return SessionProgress(w.next_video_frame, w.demand, in_flight, len(w.in_flight), w.epoch)
+
     def next_chunk_index(self, session_id: str) -> int:
         with self._lock:
             return self._get(session_id).window.next_chunk_index
 
-    def _backlog(self, s: _Session) -> tuple[int, int]:
-        """(input chunks waiting, frames missing for the next one): encoded chunks plus complete
-        chunks among the pending frames; an epoch's first chunk takes 3 fewer frames."""
+    def _backlog(self, s: _Session) -> tuple[int, int, int]:
+        """(input chunks waiting, frames missing for the next one, frames of it already there):
+        encoded chunks plus complete chunks among the pending frames; an epoch's first chunk
+        takes 3 fewer frames."""
         pending, first = len(s.pending_frames), s.vae.frames_encoded == 0
         waiting = len(s.window.inputs)
         while pending >= (need := self.config.frames_for_chunk(first)):
             pending, first, waiting = pending - need, False, waiting + 1
-        return waiting, need - pending
+        return waiting, need - pending, pending
+
+    def partial_input(self, session_id: str) -> int:
+        """v2v: frames waiting that do not make a whole chunk yet."""
+        with self._lock:
+            return self._backlog(self._get(session_id))[2]
 
     def frames_needed(self, session_id: str) -> int:
         """v2v: frames still missing before the next input chunk is complete."""
@@ -185,7 +207,7 @@ class Engine:
     def wants_frames(self, session_id: str) -> int:
         """v2v: frames to submit now (those completing the next chunk), 0 while enough input waits."""
         with self._lock:
-            waiting, missing = self._backlog(self._get(session_id))
+            waiting, missing, _ = self._backlog(self._get(session_id))
             return missing if waiting < self._max_pending_chunks else 0
 
     def submit(self, session_id: str, frames: np.ndarray) -> bool:

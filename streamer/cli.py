@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate a video file (t2v, or v2v from --input)")
     run.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="system config (default: tiny)")
     run.add_argument("--prompt", default="", help="text prompt")
+    run.add_argument("--prompts", default=None, help="a YAML schedule of prompts and cuts over time")
     run.add_argument("--seconds", type=float, default=5.0, help="seconds of video to generate (default 5)")
     run.add_argument("--frames", type=int, default=None, help="frames to generate (overrides --seconds)")
     run.add_argument(

@@ -27,6 +27,7 @@ from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
 from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
 from streamer.ingress import InputError, VideoFileSource
+from streamer.schedule import Schedule, ScheduleError, ScheduleEvent, load_schedule
 
 EXIT_BAD_INPUT = 2
 EXIT_OUTPUT_FAILED = 3
@@ -85,16 +86,18 @@ def chunks_for(config: SystemConfig, frames: int) -> int:
     return 1 + max(0, math.ceil((frames - first) / config.frames_for_chunk(first=False)))
 
 
-def feed(engine: Engine, sid: str, source: Iterator[np.ndarray], budget: list[int]) -> bool:
-    """v2v: give the engine the frames it wants now; False once the source or budget is spent."""
-    while budget[0] > 0 and (n := engine.wants_frames(sid)):
-        frames = list(itertools.islice(source, min(n, budget[0])))
+def feed(engine: Engine, sid: str, source: Iterator[np.ndarray], limit: int) -> tuple[int, bool]:
+    """v2v: give the engine up to ``limit`` of the frames it wants now: (frames given, source ended)."""
+    given = 0
+    while given < limit and (n := engine.wants_frames(sid)):
+        want = min(n, limit - given)
+        frames = list(itertools.islice(source, want))
         if frames:
             engine.submit(sid, np.stack(frames))
-            budget[0] -= len(frames)
-        if len(frames) < n:
-            return False
-    return budget[0] > 0
+            given += len(frames)
+        if len(frames) < want:
+            return given, True
+    return given, False
 
 
 def generate(
@@ -106,29 +109,44 @@ def generate(
     stop: StopFlag,
     bar: tqdm,
     realtime: bool = False,
+    schedule: Schedule | None = None,
 ) -> int:
     """Run the engine until ``total`` frames are made, the input ends, or ``stop`` is set.
 
     ``realtime`` (a live stream among the outputs): generation keeps at most ``LEAD_SECONDS`` ahead of
-    the wall clock, so a stream's queue holds what it should send next, not what it must drop."""
+    the wall clock, so a stream's queue holds what it should send next, not what it must drop.
+    ``schedule``: prompt changes and cuts at the first chunk boundary at or after their time. Chunks
+    are started only up to the next event; a cut waits for the chunks before it to finish, so it
+    falls exactly there and nothing of the old epoch is lost or carried over."""
     config = engine.config
-    if source is None:
-        sid = engine.open_session(params, mode="t2v")
-        engine.request(sid, chunks_for(config, total))
-        more_input = False
-    else:
-        sid = engine.open_session(params, mode="v2v")
-        frames_in = iter(source)
-        budget = [total]
-        more_input = feed(engine, sid, frames_in, budget)
-    made = 0
+    mode = "v2v" if source is not None else "t2v"
+    sid = engine.open_session(params, mode=mode)
+    frames_in = iter(source) if source is not None else iter(())
+    events = [e for e in (schedule.events if schedule else ()) if e.at > 0]
+    fed, made, ended = 0, 0, source is None
     start = time.perf_counter()
     while made < total and not stop:
         if realtime and (ahead := made / config.fps - (time.perf_counter() - start)) > LEAD_SECONDS:
             time.sleep(ahead - LEAD_SECONDS)
             continue
-        if source is not None and more_input:
-            more_input = feed(engine, sid, frames_in, budget)
+        progress = engine.progress(sid)
+        boundary = min(total, schedule.frame_of(events[0], config.fps)) if events and schedule else total
+        if events and progress.next_video_frame >= boundary:  # every chunk before the event has started
+            event = events[0]
+            if event.cut and progress.denoising:
+                pass  # let them finish first
+            else:
+                apply_event(engine, sid, event, progress.next_video_frame, config.fps)
+                events.pop(0)
+                continue
+        elif mode == "t2v" and progress.demand == 0 and progress.next_video_frame < boundary:
+            engine.request(sid, 1)
+        elif mode == "v2v" and not ended:
+            limit = boundary - fed
+            if limit <= 0 and engine.partial_input(sid):  # finish the chunk the event falls in
+                limit = engine.frames_needed(sid)
+            given, ended = feed(engine, sid, frames_in, limit)
+            fed += given
         if not engine.has_work():
             break
         for chunk in engine.step():
@@ -140,6 +158,21 @@ def generate(
             bar.set_postfix_str(f"{made / config.fps / (time.perf_counter() - start):.2f}x real time", refresh=False)
     engine.close_session(sid)
     return made
+
+
+def apply_event(engine: Engine, sid: str, event: ScheduleEvent, frame: int, fps: int) -> None:
+    what = []
+    if event.cut:
+        epoch = engine.cut(sid)
+        what.append(f"cut (epoch {epoch})")
+    if event.prompt is not None:
+        engine.update_params(sid, prompt=event.prompt)
+        what.append(f"prompt {event.prompt!r}")
+    tqdm.write(
+        f"streamer: at frame {frame} ({frame / fps:.2f} s; line {event.line} asked for {event.at:g} s): "
+        + ", ".join(what),
+        file=sys.stderr,
+    )
 
 
 def open_sinks(targets: list[Target], config: SystemConfig, args: argparse.Namespace) -> list[OutputThread]:
@@ -198,7 +231,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             timesteps=parse_timesteps(args.timesteps),
             fps=args.fps,
         )
-        params = UserParams(prompt=args.prompt, seed=args.seed, strength=args.strength)
+        schedule = load_schedule(args.prompts) if args.prompts else None
+        prompt = (schedule.initial_prompt() if schedule else None) or args.prompt
+        params = UserParams(prompt=prompt, seed=args.seed, strength=args.strength)
         if args.frames is not None and args.frames < 1:
             raise ValueError(f"--frames={args.frames} is not allowed: at least 1")
         if args.seconds <= 0:
@@ -206,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
         source = VideoFileSource(args.input, config.width, config.height, config.fps) if args.input else None
         engine = Engine(config)
-    except (ConfigError, OutputError, InputError, ValueError) as e:
+    except (ConfigError, OutputError, InputError, ScheduleError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     mode = f"v2v from {args.input}" if source else "t2v"
@@ -227,7 +262,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, unit="frame", desc="generating", file=sys.stderr, disable=args.quiet)
     t0 = time.perf_counter()
     try:
-        made = generate(engine, params, source, total, outputs, stop, bar, realtime=any(t.stream for t in targets))
+        realtime = any(t.stream for t in targets)
+        made = generate(engine, params, source, total, outputs, stop, bar, realtime, schedule)
     except BaseException:
         for out in outputs:
             out.abort()

@@ -1,0 +1,231 @@
+"""Prompt schedules: a YAML file that scripts a long take (``streamer run --prompts prompts.yaml``).
+
+The file is a list of entries. Each has a time ``at`` and one or both of ``prompt`` and ``cut``::
+
+    - at: 0
+      prompt: a lighthouse on a cliff at dusk
+    - at: 4.5
+      prompt: a storm rolls in
+    - at: "0:10"
+      cut: true
+      prompt: morning, calm sea
+
+* ``at``: seconds from the start of the video, required. A number >= 0 (not NaN or infinite), or a string
+  ``"M:SS"``, ``"H:MM:SS"``, either with a fraction (``"0:05.5"`` is 5.5 s), or a plain number (``"1e3"``).
+* ``prompt``: the prompt from that time on; text of 1 to 2000 characters (surrounding whitespace is stripped).
+* ``cut``: ``true`` for a hard cut at that time, applied before the prompt of the same entry; ``false`` is no cut.
+
+An entry needs a ``prompt`` or ``cut: true``; other keys are errors, and times must be strictly increasing. The
+entry at time 0, if any, sets the initial state. Every violation raises :class:`ScheduleError`, whose message names
+the file, the line of the entry, the field and its value, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import yaml
+
+KEYS = ("at", "prompt", "cut")
+MAX_PROMPT = 2000
+TIME_FORMS = 'a number of seconds >= 0, or a string "M:SS", "H:MM:SS", "M:SS.s" or "H:MM:SS.s"'
+PROMPT_FORM = f"text of 1 to {MAX_PROMPT} characters"
+
+# "H:MM:SS(.s)" (groups 1, 2, 4) or "M:SS(.s)" (groups 3, 4); minutes may exceed 59 only without hours.
+_CLOCK = re.compile(r"(?:(\d+):([0-5]\d)|(\d+)):([0-5]\d(?:\.\d+)?)")
+_DECIMAL = re.compile(r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?")
+
+
+class ScheduleError(ValueError):
+    """A prompt schedule that can't be used; the message names the file, the line, the field and the value."""
+
+
+@dataclass(frozen=True)
+class ScheduleEvent:
+    at: float  # seconds
+    prompt: str | None  # the prompt from then on, or None
+    cut: bool  # a hard cut at that time (applied before the prompt of the same entry)
+    line: int  # the entry's line in the file, for messages
+
+
+@dataclass(frozen=True)
+class Schedule:
+    events: tuple[ScheduleEvent, ...]  # in strictly increasing time
+
+    def initial_prompt(self) -> str | None:
+        """The prompt of an entry at time 0, if any."""
+        return next((e.prompt for e in self.events if e.at == 0), None)
+
+    def due(self, after: float, until: float) -> list[ScheduleEvent]:
+        """The events with ``after < at <= until``, in order; one at time 0 is the initial state, never due."""
+        return [e for e in self.events if e.at > 0 and after < e.at <= until]
+
+    def frame_of(self, event: ScheduleEvent, fps: int) -> int:
+        """The first video frame the event applies to: ``ceil(at * fps)``, minus float noise (8.3 s at 30 fps: 249)."""
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps!r}")
+        frame = event.at * fps
+        nearest = round(frame)
+        return nearest if abs(frame - nearest) < 1e-6 else math.ceil(frame)
+
+
+def parse_time(value: object) -> float:
+    """``value`` (a number of seconds, "M:SS(.s)" or "H:MM:SS(.s)") in seconds; ValueError naming it if invalid."""
+    try:
+        return _seconds(value)
+    except ValueError as e:
+        raise ValueError(f"invalid time {value!r}: {e}; allowed: {TIME_FORMS}") from None
+
+
+def load_schedule(path: str | Path) -> Schedule:
+    """Read and check the prompt schedule at ``path`` (see the module docstring); ScheduleError if it is invalid."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ScheduleError(f"{path}: cannot read the prompt schedule: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ScheduleError(f"{path}: the prompt schedule is not UTF-8 text: {e}") from e
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise ScheduleError(f"{path}: the prompt schedule is empty; expected a list of entries (- at: ...)")
+        if not isinstance(root, yaml.SequenceNode):
+            raise _error(path, root, f"expected a list of entries (- at: ...), got {_kind(root)}")
+        if not root.value:
+            raise _error(path, root, "the list of entries is empty; expected at least one")
+        entries = [_entry(path, loader, node) for node in root.value]
+    except yaml.MarkedYAMLError as e:
+        raise ScheduleError(f"{path}: {_yaml_problem(e)}") from e
+    except yaml.YAMLError as e:
+        raise ScheduleError(f"{path}: invalid YAML: {e}") from e
+    finally:
+        loader.dispose()
+
+    for (before, before_at), (event, at) in pairwise(entries):
+        if event.at <= before.at:
+            raise ScheduleError(
+                f"{path}: line {event.line}: {_show_at(at, event.at)} is not after line {before.line} "
+                f"({_show_at(before_at, before.at)}); times must be strictly increasing"
+            )
+    return Schedule(tuple(event for event, _ in entries))
+
+
+def _seconds(value: object) -> float:
+    """``value`` in seconds; otherwise ValueError saying what is wrong with it (as a predicate: "is negative")."""
+    if isinstance(value, str):
+        text = value.strip()
+        if clock := _CLOCK.fullmatch(text):
+            hours, minutes_after_hours, minutes, seconds = clock.groups()
+            if hours is not None:
+                total = int(hours) * 3600 + int(minutes_after_hours) * 60 + float(seconds)
+            else:
+                total = int(minutes) * 60 + float(seconds)
+        elif _DECIMAL.fullmatch(text):
+            total = float(text)
+        else:
+            raise ValueError("is not a time")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            total = float(value)
+        except OverflowError:  # an int beyond float range
+            total = math.inf
+    else:
+        raise ValueError(f"is a {type(value).__name__}, not a number or a string")
+    if not math.isfinite(total):
+        raise ValueError("is not finite")
+    if total < 0:
+        raise ValueError("is negative")
+    return total
+
+
+def _entry(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> tuple[ScheduleEvent, object]:
+    """The event of one entry, and its ``at`` as written (for messages)."""
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(path, node, f"an entry must be a mapping with keys {', '.join(KEYS)}; got {_kind(node)}")
+    fields: dict[str, object] = {}
+    for key_node, value_node in node.value:
+        key = _construct(path, loader, key_node)
+        if not isinstance(key, str) or key not in KEYS:
+            raise _error(path, node, f"unknown key {_short(key)}; allowed: {', '.join(KEYS)}")
+        if key in fields:
+            raise _error(path, node, f"duplicate key {key!r}")
+        fields[key] = _construct(path, loader, value_node)
+
+    if "at" not in fields:
+        raise _error(path, node, f"missing key 'at' (the time of the entry); allowed: {TIME_FORMS}")
+    raw_at = fields["at"]
+    try:
+        at = _seconds(raw_at)
+    except ValueError as e:
+        raise _error(path, node, f"at={_short(raw_at)} {e}; allowed: {TIME_FORMS}") from None
+
+    prompt = None
+    if "prompt" in fields:
+        raw = fields["prompt"]
+        if not isinstance(raw, str):
+            raise _error(path, node, f"prompt={_short(raw)} is not a string; allowed: {PROMPT_FORM}")
+        prompt = raw.strip()
+        if not prompt:
+            raise _error(path, node, f"prompt={raw!r} is empty; allowed: {PROMPT_FORM}")
+        if len(prompt) > MAX_PROMPT:
+            raise _error(path, node, f"prompt={_short(raw)} has {len(prompt)} characters; allowed: {PROMPT_FORM}")
+
+    cut = fields.get("cut", False)
+    if not isinstance(cut, bool):
+        raise _error(path, node, f"cut={_short(cut)} is not a boolean; allowed: true, false")
+    if prompt is None and not cut:
+        raise _error(path, node, f"entry at={_short(raw_at)} has neither a prompt nor cut: true; it needs at least one")
+    return ScheduleEvent(at=at, prompt=prompt, cut=cut, line=_line(node)), raw_at
+
+
+def _construct(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> object:
+    """The Python value of ``node``; a tagged value that doesn't parse (``!!int abc``) is a ScheduleError."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, TypeError) as e:
+        raise _error(path, node, f"invalid value {_short(node.value)}: {e}") from None
+
+
+def _error(path: Path, node: yaml.Node, message: str) -> ScheduleError:
+    return ScheduleError(f"{path}: line {_line(node)}: {message}")
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return _short(node.value)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show_at(raw: object, seconds: float) -> str:
+    """``at`` as written, with its seconds where it was written as a string: "at='0:10' (10 s)"."""
+    if not isinstance(raw, str):
+        return f"at={raw!r}"
+    text = repr(seconds)
+    return f"at={raw!r} ({text.removesuffix('.0')} s)"
+
+
+def _yaml_problem(e: yaml.MarkedYAMLError) -> str:
+    """A YAML error as "line N: invalid YAML: ...", the line being where the problem was found."""
+    mark = e.problem_mark or e.context_mark
+    where = f"line {mark.line + 1}: " if mark is not None else ""
+    context = f"{e.context} (line {e.context_mark.line + 1}): " if e.context and e.context_mark is not None else ""
+    return f"{where}invalid YAML: {context}{e.problem or e.context}"
