@@ -7,8 +7,13 @@ centre-cropped to the output's aspect ratio, then scaled.
 
 from __future__ import annotations
 
+import os
+import stat
+import threading
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import av
 import numpy as np
@@ -92,3 +97,66 @@ class VideoFileSource:
 
     def close(self) -> None:
         self._container.close()
+
+
+LIVE_SCHEMES = ("rtmp", "rtmps", "rtsp", "http", "https", "udp", "tcp", "srt")
+
+
+def is_live(path: str) -> bool:
+    """A stream URL, a capture device or a pipe: read in real time, not as fast as we like."""
+    if urlsplit(path).scheme in LIVE_SCHEMES or path.startswith("/dev/"):
+        return True
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class LiveSource:
+    """A live input read by its own thread as fast as it arrives. At most ``max_frames`` wait for the
+    engine; when it falls behind the oldest are dropped (counted), so the newest frames win and a
+    live source never builds latency."""
+
+    def __init__(self, source: VideoFileSource, max_frames: int) -> None:
+        self.source = source
+        self.path = source.path
+        self.dropped = 0
+        self._frames: deque[np.ndarray] = deque()
+        self._max = max_frames
+        self._cond = threading.Condition()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, name="live-input", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for frame in self.source:
+                with self._cond:
+                    self._frames.append(frame)
+                    while len(self._frames) > self._max:
+                        self._frames.popleft()
+                        self.dropped += 1
+                    self._cond.notify()
+        except BaseException as e:  # reported to the consumer, which stops
+            self._error = e
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._frames) or self._ended)
+                if self._frames:
+                    frame = self._frames.popleft()
+                elif self._error is not None:
+                    raise InputError(f"input {self.path!r} failed: {self._error}")
+                else:
+                    return
+            yield frame
+
+    def close(self) -> None:
+        self.source.close()
+        self._thread.join(timeout=5)

@@ -26,7 +26,7 @@ from pipeline.types import UserParams
 from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
 from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
-from streamer.ingress import InputError, VideoFileSource
+from streamer.ingress import InputError, LiveSource, VideoFileSource, is_live
 from streamer.schedule import Schedule, ScheduleError, ScheduleEvent, load_schedule
 
 EXIT_BAD_INPUT = 2
@@ -66,6 +66,13 @@ class Target:
     stream: bool  # True for rtmp:// URLs
 
 
+def open_input(path: str, config: SystemConfig) -> VideoFileSource | LiveSource:
+    """A file is read as fast as the engine takes it; a live input (a stream URL, a device, a pipe)
+    in real time by its own thread, keeping at most one second of frames."""
+    source = VideoFileSource(path, config.width, config.height, config.fps)
+    return LiveSource(source, max_frames=config.fps) if is_live(path) else source
+
+
 def check_targets(outs: list[str], also_record: list[str]) -> list[Target]:
     targets = []
     for where in [*outs, *also_record]:
@@ -103,7 +110,7 @@ def feed(engine: Engine, sid: str, source: Iterator[np.ndarray], limit: int) -> 
 def generate(
     engine: Engine,
     params: UserParams,
-    source: VideoFileSource | None,
+    source: VideoFileSource | LiveSource | None,
     total: int,
     outputs: list[OutputThread],
     stop: StopFlag,
@@ -239,12 +246,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.seconds <= 0:
             raise ValueError(f"--seconds={args.seconds} is not allowed: more than 0")
         total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
-        source = VideoFileSource(args.input, config.width, config.height, config.fps) if args.input else None
+        source = open_input(args.input, config) if args.input else None
         engine = Engine(config)
     except (ConfigError, OutputError, InputError, ScheduleError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    mode = f"v2v from {args.input}" if source else "t2v"
+    mode = f"v2v from {args.input}{' (live)' if isinstance(source, LiveSource) else ''}" if source else "t2v"
     names = ", ".join(t.where for t in targets)
     print(
         f"streamer: {config.model.name} ({engine.models.source}) {mode}, {config.width}x{config.height} "
@@ -279,6 +286,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = f"{made} frames ({seconds:.2f} s of video) in {elapsed:.2f} s: {seconds / elapsed:.2f}x real time"
     for r in reports:
         print(f"streamer:   {describe(r)}", file=sys.stderr)
+    if isinstance(source, LiveSource):
+        print(f"streamer:   input: {source.dropped} frames dropped (newest frames win)", file=sys.stderr)
     if stop:
         print(f"streamer: interrupted by signal {stop.signal}; generated {summary}", file=sys.stderr)
         return EXIT_INTERRUPTED
