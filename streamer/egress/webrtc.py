@@ -2,9 +2,10 @@
 
 aiortc does not pace a track: it sends a frame as soon as ``recv()`` returns one (and encodes it in
 a worker thread). Here ``recv()`` waits until the frame's presentation time on a clock anchored at
-the first frame; a frame late by more than ``max_late`` re-anchors the clock (after a stall the
-stream goes on from now instead of bursting). Frames of an epoch older than the session's current
-one are dropped here too, the last hop before the wire.
+the first frame. A late frame moves the clock back by its lateness (the playout delay grows to what
+the pipeline needs), so the frames of a chunk that arrive together still leave one frame interval
+apart instead of in a burst. Frames of an epoch older than the session's current one are dropped
+here too, the last hop before the wire.
 """
 
 from __future__ import annotations
@@ -42,14 +43,12 @@ class PacedVideoTrack(MediaStreamTrack):
         current_epoch: Callable[[], int],
         on_sent: Callable[[OutFrame, float], None],
         on_stale: Callable[[OutFrame], None],
-        max_late: float = 0.5,
     ) -> None:
         super().__init__()
         self._next_frame = next_frame
         self._epoch = current_epoch
         self._on_sent = on_sent
         self._on_stale = on_stale
-        self._max_late = max_late
         self._anchor: float | None = None  # monotonic time of pts 0
 
     async def recv(self) -> av.VideoFrame:
@@ -60,7 +59,7 @@ class PacedVideoTrack(MediaStreamTrack):
             self._on_stale(item)
         due = item.pts / PTS_CLOCK
         now = time.monotonic()
-        if self._anchor is None or now - (self._anchor + due) > self._max_late:
+        if self._anchor is None or now > self._anchor + due:  # first frame, or late: the clock moves back
             self._anchor = now - due
         delay = self._anchor + due - now
         if delay > 0:
