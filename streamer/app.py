@@ -38,6 +38,7 @@ class ServerOptions:
     d_out: int = 2  # decoded chunks waiting per session (t2v: how far generation runs ahead of playback)
     reorder_wait: float = 1.0  # seconds reorder waits for a missing chunk before skipping it
     max_input_chunks: int = 1  # v2v: encoded input chunks waiting in the engine (live: keep it small)
+    pace: bool = True  # tracks send frames at their pts; False: as fast as they come (throughput benchmarks)
     web_dir: Path = WEB_DIR
 
 
@@ -87,6 +88,7 @@ async def offer(request: web.Request) -> web.Response:
         (cfg.height, cfg.width),
         cfg.frames_for_chunk(first=False),
         state.options.reorder_wait,
+        state.options.pace,
     )
 
     @pc.on("datachannel")

@@ -80,6 +80,7 @@ class Session:
         frame_size: tuple[int, int],
         frames_per_chunk: int,
         reorder_wait: float = 1.0,
+        pace: bool = True,
     ) -> None:
         self.bridge = bridge
         self.pc = pc
@@ -92,7 +93,7 @@ class Session:
         self.reorder: Reorder[Any] = Reorder(max_wait=reorder_wait)
         # One chunk's frames: the pump blocks on it, so chunks wait in D_out, where a cut can drop them.
         self.frames: asyncio.Queue[OutFrame] = asyncio.Queue(maxsize=frames_per_chunk)
-        self.track = PacedVideoTrack(self.frames.get, lambda: self.epoch, self._sent, self._stale)
+        self.track = PacedVideoTrack(self.frames.get, lambda: self.epoch, self._sent, self._stale, pace)
         self.chunker: Chunker | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = asyncio.Event()

@@ -43,12 +43,14 @@ class PacedVideoTrack(MediaStreamTrack):
         current_epoch: Callable[[], int],
         on_sent: Callable[[OutFrame, float], None],
         on_stale: Callable[[OutFrame], None],
+        pace: bool = True,
     ) -> None:
         super().__init__()
         self._next_frame = next_frame
         self._epoch = current_epoch
         self._on_sent = on_sent
         self._on_stale = on_stale
+        self._pace = pace  # False: send as fast as frames come (throughput measurements)
         self._anchor: float | None = None  # monotonic time of pts 0
 
     async def recv(self) -> av.VideoFrame:
@@ -62,7 +64,7 @@ class PacedVideoTrack(MediaStreamTrack):
         if self._anchor is None or now > self._anchor + due:  # first frame, or late: the clock moves back
             self._anchor = now - due
         delay = self._anchor + due - now
-        if delay > 0:
+        if delay > 0 and self._pace:
             await asyncio.sleep(delay)
         if item.epoch < self._epoch():  # a cut was acknowledged while we waited
             self._on_stale(item)

@@ -70,7 +70,11 @@ def test_the_report_has_every_field_with_sane_values(t2v: dict[str, Any]) -> Non
     assert served["server_metrics"]["frames_out"] > 0 and served["server_engine"]["ticks"] > 0
     assert served["frames_matched"] == served["frames"]  # every frame received was matched to its send
     assert served["latency_parts"]["sent_to_arrival_ms"]["p50"] >= 0
-    assert r["efficiency"] == pytest.approx(served["fps"] / r["paths"]["engine"]["fps"], rel=1e-3)
+    # t2v: efficiency is the served path's throughput with pacing off over the engine alone
+    assert served["throughput_fps"] > 0
+    assert r["efficiency"] == pytest.approx(served["throughput_fps"] / r["paths"]["engine"]["fps"], rel=1e-3)
+    assert r["efficiency_capped"] == pytest.approx(served["fps"] / min(r["paths"]["engine"]["fps"], 16), rel=1e-3)
+    assert r["efficiency_definition"].startswith("served throughput with pacing off")
     assert "efficiency" in t2v["stdout"]
 
 
@@ -136,6 +140,9 @@ def test_v2v_passthrough_reads_frame_ids_back(tmp_path: Path) -> None:
     assert_latency(r["latency_ms"])
     assert 20 < r["latency_ms"]["p50"] < 2000  # a chunk is 4 frames: the camera alone takes ~190 ms to fill one
     assert r["fps"] > 0 and r["efficiency"] > 0
+    # v2v: the input is real time, so efficiency is the served FPS against min(engine, real time)
+    assert "throughput_fps" not in served
+    assert r["efficiency"] == pytest.approx(served["fps"] / min(engine["fps"], 16), rel=1e-3)
 
 
 @pytest.mark.slow
