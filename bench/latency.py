@@ -93,6 +93,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
 from bench import frameid
+from bench.browser import CHROMIUM_ARGS, bring_loopback_up
 from bench.engine import machine as base_machine
 from pipeline.config import SystemConfig, load_system_config
 from pipeline.engine import Engine
@@ -113,19 +114,6 @@ RESULT_MARKER = "BENCH_LATENCY_BROWSER_RESULT "
 EXIT_WORSE, EXIT_FAILED = 1, 2
 T = TypeVar("T")
 
-CHROMIUM_ARGS = [  # as tests/e2e/browser_session.py: no sandbox in a namespace, no network, a fake camera
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--allow-loopback-in-peer-connection",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-]
 
 DEFINITIONS = {
     "engine_t2v": "chunk scheduled (entered its window) -> chunk out of Engine.step()",
@@ -744,21 +732,6 @@ def browser_unavailable(chromium: str) -> str | None:
     if importlib.util.find_spec("playwright") is None:
         return "needs the playwright package (pip install -e '.[dev]')"
     return None
-
-
-def bring_loopback_up() -> None:
-    """``ip link set lo up`` without iproute2 (a fresh network namespace starts with lo down)."""
-    import fcntl
-    import socket
-    import struct
-
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        ifr = struct.pack("16sh", b"lo", 0)
-        flags = struct.unpack("16sh", fcntl.ioctl(s, 0x8913, ifr))[1]  # SIOCGIFFLAGS
-        fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags | 0x1))  # SIOCSIFFLAGS, IFF_UP
-    finally:
-        s.close()
 
 
 @contextlib.contextmanager

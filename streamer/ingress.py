@@ -126,12 +126,15 @@ class LiveSource:
         self._cond = threading.Condition()
         self._ended = False
         self._error: BaseException | None = None
+        self._stop = False
         self._thread = threading.Thread(target=self._read, name="live-input", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         try:
             for frame in self.source:
+                if self._stop:
+                    break
                 with self._cond:
                     self._frames.append(frame)
                     while len(self._frames) > self._max:
@@ -141,6 +144,7 @@ class LiveSource:
         except BaseException as e:  # reported to the consumer, which stops
             self._error = e
         finally:
+            self.source.close()  # here, in the thread that decodes: never under a running decode
             with self._cond:
                 self._ended = True
                 self._cond.notify()
@@ -158,5 +162,7 @@ class LiveSource:
             yield frame
 
     def close(self) -> None:
-        self.source.close()
+        """Ask the reader to stop; it closes the input itself after its current frame. A live
+        input that has stalled may keep it waiting: it is a daemon thread and ends with the process."""
+        self._stop = True
         self._thread.join(timeout=5)

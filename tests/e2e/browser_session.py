@@ -10,41 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
-import socket
-import struct
 from typing import Any
 
 from aiohttp import web
 from playwright.async_api import async_playwright
 
+from bench.browser import CHROMIUM_ARGS, bring_loopback_up
 from pipeline.config import CONFIG_DIR, load_system_config, replace
 from streamer.app import ServerOptions, create_app
 from streamer.signaling import use_ice_addresses
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--allow-loopback-in-peer-connection",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-]
-
-
-def bring_loopback_up() -> None:
-    """``ip link set lo up`` without iproute2 (a fresh network namespace starts with lo down)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    ifr = struct.pack("16sh", b"lo", 0)
-    flags = struct.unpack("16sh", fcntl.ioctl(s, 0x8913, ifr))[1]  # SIOCGIFFLAGS
-    fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags | 0x1))  # SIOCSIFFLAGS, IFF_UP
-    s.close()
 
 
 async def decoded_frames(page: Any) -> int:
