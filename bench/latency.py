@@ -933,19 +933,7 @@ def load_config(args: argparse.Namespace) -> SystemConfig:
 
 
 def config_json(config: SystemConfig, args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "file": args.config,
-        "model": config.model.name,
-        "height": config.height,
-        "width": config.width,
-        "fps": config.fps,
-        "steps": config.steps,
-        "chunk_frames": config.chunk_frames,
-        "frames_per_chunk": config.frames_for_chunk(first=False),
-        "context": config.context,
-        "dtype": config.dtype,
-        "device": config.device,
-    }
+    return {"file": args.config, **config.summary()}
 
 
 def machine(paths: dict[str, Any]) -> dict[str, Any]:

@@ -114,6 +114,21 @@ class SystemConfig:
         _, ph, pw = self.model.patch_size
         return (h // ph) * (w // pw)
 
+    def summary(self) -> dict[str, Any]:
+        """The settings a measurement depends on, for benchmark reports."""
+        return {
+            "model": self.model.name,
+            "height": self.height,
+            "width": self.width,
+            "fps": self.fps,
+            "steps": self.steps,
+            "chunk_frames": self.chunk_frames,
+            "frames_per_chunk": self.frames_for_chunk(first=False),
+            "context": self.context,
+            "dtype": self.dtype,
+            "device": self.device,
+        }
+
     def frames_for_chunk(self, first: bool) -> int:
         """Video frames that one chunk decodes to (the VAE's first latent frame is one frame)."""
         n = self.chunk_frames * VAE_TEMPORAL_FACTOR
