@@ -1,11 +1,38 @@
 import dataclasses
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import av
 import pytest
 import torch
 
 from pipeline.config import CONFIG_DIR, SystemConfig, load_system_config, replace
 
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_streamer(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``python -m streamer ARGS`` in a real subprocess from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def count_frames(path: Path) -> int:
+    """Decodable video frames in a file."""
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
 
 
 def tiny_config(**changes) -> SystemConfig:

@@ -5,22 +5,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, free_port, run_streamer
+
 SMALL = ["--height", "32", "--width", "32"]
 
 pytestmark = pytest.mark.slow  # real subprocesses: ~5 s each to import torch and diffusers
-
-
-def streamer(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "streamer", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw
-    )
 
 
 def read_video(path):
@@ -47,7 +41,7 @@ def write_clip(path, n, size=(48, 64), fps=25):
 
 def test_t2v_writes_a_playable_mp4(tmp_path):
     out = tmp_path / "out.mp4"
-    r = streamer("run", "--prompt", "a red fox", "--seconds", "1.5", "--out", str(out), *SMALL)
+    r = run_streamer("run", "--prompt", "a red fox", "--seconds", "1.5", "--out", str(out), *SMALL)
     assert r.returncode == 0, r.stderr
     frames, codec, rate = read_video(out)
     assert codec == "h264" and rate == 16
@@ -65,7 +59,7 @@ def current_umask():
 
 def test_webm_output(tmp_path):
     out = tmp_path / "out.webm"
-    r = streamer("run", "--frames", "9", "--out", str(out), *SMALL)
+    r = run_streamer("run", "--frames", "9", "--out", str(out), *SMALL)
     assert r.returncode == 0, r.stderr
     frames, codec, _ = read_video(out)
     assert codec == "vp9" and len(frames) == 9
@@ -75,7 +69,7 @@ def test_same_seed_same_frames(tmp_path):
     outs = []
     for name, seed in (("a", 4), ("b", 4), ("c", 5)):
         out = tmp_path / f"{name}.mp4"
-        r = streamer("run", "--prompt", "p", "--frames", "9", "--seed", str(seed), "--out", str(out), *SMALL)
+        r = run_streamer("run", "--prompt", "p", "--frames", "9", "--seed", str(seed), "--out", str(out), *SMALL)
         assert r.returncode == 0, r.stderr
         outs.append(np.stack(read_video(out)[0]))
     assert np.array_equal(outs[0], outs[1])
@@ -86,7 +80,7 @@ def test_v2v_from_a_file(tmp_path):
     clip = tmp_path / "clip.mp4"
     write_clip(clip, 30, fps=25)  # 1.2 s at 25 fps -> 19 frames at 16 fps
     out = tmp_path / "out.mp4"
-    r = streamer("run", "--input", str(clip), "--strength", "0.6", "--out", str(out), "--seconds", "10", *SMALL)
+    r = run_streamer("run", "--input", str(clip), "--strength", "0.6", "--out", str(out), "--seconds", "10", *SMALL)
     assert r.returncode == 0, r.stderr
     frames, _, _ = read_video(out)
     # every complete chunk of the input comes out: 1 + 4k frames of the 19
@@ -108,7 +102,7 @@ def test_v2v_from_a_file(tmp_path):
 )
 def test_bad_arguments_are_named_and_nothing_is_written(tmp_path, args, message):
     out = tmp_path / "out.mp4"
-    r = streamer("run", "--out", str(out), *SMALL, *args)
+    r = run_streamer("run", "--out", str(out), *SMALL, *args)
     assert r.returncode == 2
     assert message in r.stderr
     assert list(tmp_path.iterdir()) == []
@@ -118,18 +112,18 @@ def test_input_that_cannot_be_decoded(tmp_path):
     bad = tmp_path / "clip.mp4"
     bad.write_bytes(b"this is not a video" * 100)
     out = tmp_path / "out.mp4"
-    r = streamer("run", "--input", str(bad), "--out", str(out), *SMALL)
+    r = run_streamer("run", "--input", str(bad), "--out", str(out), *SMALL)
     assert r.returncode == 2
     assert f"input {str(bad)!r} cannot be" in r.stderr
     assert not out.exists()
 
 
 def test_output_that_cannot_be_written(tmp_path):
-    r = streamer("run", "--out", str(tmp_path / "missing" / "out.mp4"), *SMALL)
+    r = run_streamer("run", "--out", str(tmp_path / "missing" / "out.mp4"), *SMALL)
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = streamer("run", "--out", str(tmp_path / "out.avi"), *SMALL)
+    r = run_streamer("run", "--out", str(tmp_path / "out.avi"), *SMALL)
     assert r.returncode == 2 and "extension '.avi' is not supported" in r.stderr
-    r = streamer("run", "--out", "/proc/out.mp4", *SMALL)  # not writable, even for root
+    r = run_streamer("run", "--out", "/proc/out.mp4", *SMALL)  # not writable, even for root
     assert r.returncode == 2 and "output '/proc/out.mp4' cannot be written" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -159,14 +153,6 @@ def test_interrupted_run_leaves_a_playable_file_of_what_was_generated(tmp_path, 
     frames, _, _ = read_video(out)
     assert written > 0 and len(frames) == written
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_answers_health_and_stops_cleanly_on_sigint():
@@ -206,5 +192,5 @@ def test_serve_answers_health_and_stops_cleanly_on_sigint():
     ],
 )
 def test_serve_bad_arguments(args, message):
-    r = streamer("serve", *args)
+    r = run_streamer("serve", *args)
     assert r.returncode == 2 and message in r.stderr

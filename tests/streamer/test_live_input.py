@@ -8,13 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from streamer.ingress import InputError, LiveSource, is_live
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import count_frames, run_streamer
 
 
 class SlowSource:
@@ -67,34 +65,25 @@ def test_v2v_from_a_live_pipe(tmp_path):
         [sys.executable, str(Path(__file__).with_name("live_writer.py")), str(fifo), "--seconds", "6"]
     )
     out = tmp_path / "out.mp4"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streamer",
-            "run",
-            "--input",
-            str(fifo),
-            "--seconds",
-            "2",
-            "--out",
-            str(out),
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--quiet",
-            "--strength",
-            "0.7",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    r = run_streamer(
+        "run",
+        "--input",
+        str(fifo),
+        "--seconds",
+        "2",
+        "--out",
+        str(out),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--quiet",
+        "--strength",
+        "0.7",
         timeout=120,
     )
     writer.kill()
     writer.wait()
     assert r.returncode == 0, r.stderr
     assert "(live)" in r.stderr and "frames dropped (newest frames win)" in r.stderr
-    with av.open(str(out)) as c:
-        assert sum(1 for _ in c.decode(video=0)) == 32  # 2 s at 16 fps
+    assert count_frames(out) == 32  # 2 s at 16 fps

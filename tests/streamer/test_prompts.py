@@ -3,39 +3,27 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import run_streamer
+
 SMALL = ["--height", "32", "--width", "32", "--quiet", "--frames", "40"]
 
 pytestmark = pytest.mark.slow
 
 
+def run_schedule(schedule_path: Path, out: Path) -> subprocess.CompletedProcess:
+    return run_streamer("run", "--prompts", str(schedule_path), "--out", str(out), *SMALL, timeout=180)
+
+
 def run(tmp_path: Path, name: str, schedule: str) -> tuple[np.ndarray, str]:
     (tmp_path / f"{name}.yaml").write_text(schedule)
     out = tmp_path / f"{name}.mp4"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streamer",
-            "run",
-            "--prompts",
-            str(tmp_path / f"{name}.yaml"),
-            "--out",
-            str(out),
-            *SMALL,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    r = run_schedule(tmp_path / f"{name}.yaml", out)
     assert r.returncode == 0, r.stderr
     with av.open(str(out)) as c:
         frames = np.stack([f.to_ndarray(format="rgb24").astype(np.float64) for f in c.decode(video=0)])
@@ -74,22 +62,6 @@ def test_a_scheduled_cut_falls_at_its_time_and_shares_nothing_with_before(tmp_pa
 )
 def test_a_bad_schedule_is_refused_with_its_line_and_nothing_is_written(tmp_path, schedule, message):
     (tmp_path / "s.yaml").write_text(schedule)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streamer",
-            "run",
-            "--prompts",
-            str(tmp_path / "s.yaml"),
-            "--out",
-            str(tmp_path / "out.mp4"),
-            *SMALL,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_schedule(tmp_path / "s.yaml", tmp_path / "out.mp4")
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

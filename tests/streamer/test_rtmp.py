@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import av
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, count_frames, free_port, run_streamer
+
 RECEIVER = Path(__file__).with_name("rtmp_receiver.py")
 SMALL = ["--height", "32", "--width", "32", "--quiet"]
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def receiver(url: str, *extra: str) -> subprocess.Popen:
@@ -37,20 +30,8 @@ def result(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "streamer", "run", *args, *SMALL],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        **kw,
-    )
-
-
-def count_frames(path: Path) -> int:
-    with av.open(str(path)) as c:
-        return sum(1 for _ in c.decode(video=0))
+def run(*args: str) -> subprocess.CompletedProcess:
+    return run_streamer("run", *args, *SMALL, timeout=180)
 
 
 def test_every_frame_reaches_the_receiver_at_size_and_rate(tmp_path):
