@@ -147,10 +147,6 @@ class Engine:
         except KeyError:
             raise KeyError(f"session_id={session_id!r} is not open") from None
 
-    def session_params(self, session_id: str) -> UserParams:
-        with self._lock:
-            return self._get(session_id).window.params
-
     def kv_bytes(self, session_id: str) -> int:
         with self._lock:
             return self._get(session_id).window.kv.nbytes
