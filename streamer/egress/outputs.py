@@ -60,13 +60,14 @@ class OutputThread:
         self._on_error = on_error
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=capacity)
         self._lock = threading.Lock()  # makes drop-oldest + put one step against other producers
+        self._count_lock = threading.Lock()  # dropped is counted from both the producer and this thread
         self._thread = threading.Thread(target=self._run, name=f"output:{sink.name}", daemon=True)
         self._thread.start()
 
     def put(self, frames: np.ndarray) -> None:
         """Queue frames; never blocks. Full: the oldest frames waiting are dropped (counted)."""
         if self.error is not None:
-            self.dropped += len(frames)
+            self._drop(len(frames))
             return
         with self._lock:
             for frame in frames:
@@ -77,7 +78,7 @@ class OutputThread:
                     except queue.Full:
                         with contextlib.suppress(queue.Empty):
                             if self._queue.get_nowait() is not None:
-                                self.dropped += 1
+                                self._drop(1)
 
     def _run(self) -> None:
         while True:
@@ -98,16 +99,20 @@ class OutputThread:
 
     def _write(self, batch: list[np.ndarray]) -> None:
         if self.error is not None:
-            self.dropped += len(batch)
+            self._drop(len(batch))
             return
         try:
             self.sink.write(np.stack(batch))
             self.frames += len(batch)
         except Exception as e:  # the sink gave up (after its own retries): the run goes on without it
             self.error = f"{type(e).__name__}: {e}"
-            self.dropped += len(batch)
+            self._drop(len(batch))
             if self._on_error is not None:
                 self._on_error(self.sink.name, self.error)
+
+    def _drop(self, n: int) -> None:
+        with self._count_lock:
+            self.dropped += n
 
     def finish(self) -> OutputReport:
         """Write what is queued, then close the sink (or abort it if it failed)."""
