@@ -153,6 +153,12 @@ class Engine:
 
     # ---- user input -----------------------------------------------------------------------
 
+    @property
+    def pipeline_depth(self) -> int:
+        """Chunks a t2v session has in flight when its pipeline is full (see ``Scheduler.depth``): a
+        caller that keeps fewer than this asked for and not yet taken leaves part of every tick idle."""
+        return self.scheduler.depth
+
     def request(self, session_id: str, chunks: int = 1) -> None:
         """t2v: ask for ``chunks`` more chunks."""
         with self._lock:

@@ -53,6 +53,12 @@ class Scheduler:
         self.config = config
         self.sigmas = config.sigmas()
 
+    @property
+    def depth(self) -> int:
+        """Chunks one t2v session holds in flight when its pipeline is full: one per step (stream),
+        one (clean). Fewer leave slots of the StreamBatch empty."""
+        return 1 if self.config.context == "clean" else len(self.sigmas)
+
     def admits(self, w: SessionWindow) -> bool:
         if not w.has_input():
             return False

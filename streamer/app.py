@@ -35,7 +35,7 @@ MAX_BODY_BYTES = 256 * 1024
 class ServerOptions:
     ice_servers: list[str] = field(default_factory=list)  # empty: never contact an outside STUN server
     d_in: int = 64  # commands waiting for the engine thread
-    d_out: int = 2  # decoded chunks waiting per session (t2v: how far generation runs ahead of playback)
+    d_out: int = 2  # decoded chunks waiting per session (t2v: the fewest credits, see bridge.Credits)
     reorder_wait: float = 1.0  # seconds reorder waits for a missing chunk before skipping it
     max_input_chunks: int = 1  # v2v: encoded input chunks waiting in the engine (live: keep it small)
     pace: bool = True  # tracks send frames at their pts; False: as fast as they come (throughput benchmarks)

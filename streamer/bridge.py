@@ -4,7 +4,7 @@ The loop never waits on the model. Commands (open, close, request, submit, param
 worker through ``D_in``, a bounded queue: when it is full a caller's coroutine waits for room
 (backpressure) while the loop keeps running. Decoded chunks come back through ``D_out``: each
 session has a bounded asyncio queue, and t2v sessions only ask the engine for as many chunks as
-their queue has room for (credits), so the worker never blocks on a slow or vanished client and
+their credits allow (:class:`Credits`), so the worker never blocks on a slow or vanished client and
 one session never holds up another. A command's result or error comes back through a future.
 """
 
@@ -27,6 +27,7 @@ from pipeline.types import DecodedChunk
 T = TypeVar("T")
 
 _STOP = object()
+_WAKE = object()  # wakes an idle engine thread: credits were given
 
 
 @dataclass
@@ -41,6 +42,47 @@ class BridgeStats:
         return len(recent) / window
 
 
+@dataclass
+class Credits:
+    """How many chunks a t2v session keeps asked for and not yet taken (in the pipeline or in D_out).
+
+    Few credits keep latency low (a chunk is started shortly before it is shown, so a new prompt
+    shows soon), but fewer than the pipeline depth leave StreamBatch slots empty. So the number
+    adapts between ``low`` (D_out) and ``high`` (D_out + pipeline depth): each time the consumer
+    starves (its chunk came later than it needed it: generation is behind playback) it grows by
+    one; after ``patience`` takes in a row without starving it shrinks by one. An engine slower
+    than real time, or a consumer that takes frames as fast as they come, gets a full pipeline; an
+    engine faster than real time runs the shortest one that does not stall playback."""
+
+    low: int
+    high: int
+    patience: int = 0  # 0: ``high`` takes
+    target: int = field(init=False)
+    _ahead: int = field(default=0, init=False)  # takes in a row that found a chunk waiting
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.low <= self.high:
+            raise ValueError(f"credits low={self.low}, high={self.high} are not allowed: 1 <= low <= high")
+        self.target = self.low
+        self.patience = self.patience or self.high
+
+    def after_take(self, starved: bool) -> int:
+        """A chunk was taken; ``starved``: none was waiting when the consumer asked. Returns how
+        many chunks to ask the engine for now."""
+        if starved:
+            self._ahead = 0
+            if self.target < self.high:
+                self.target += 1
+                return 2
+            return 1
+        self._ahead += 1
+        if self._ahead >= self.patience and self.target > self.low:
+            self._ahead = 0
+            self.target -= 1
+            return 0
+        return 1
+
+
 class EngineBridge:
     """Owns an :class:`Engine` and the thread that runs it."""
 
@@ -51,10 +93,17 @@ class EngineBridge:
         self.d_in = d_in
         self.d_out = d_out  # per session: chunks decoded and not yet taken
         self.stats = BridgeStats()
-        self._commands: queue.Queue[Any] = queue.Queue(maxsize=d_in)
+        # D_in is bounded by the semaphore ``_room`` (callers wait on it); the queue itself is not, so
+        # the stop and wake markers always get in.
+        self._commands: queue.Queue[Any] = queue.Queue()
+        # t2v credits given back and not yet passed to the engine: sid -> (demand to set first, or
+        # None; chunks to add). Written on the loop, applied by the engine thread before each tick.
+        self._grants: dict[str, tuple[int | None, int]] = {}
+        self._grants_lock = threading.Lock()
         self._room: asyncio.Semaphore | None = None
         self._outputs: dict[str, asyncio.Queue[DecodedChunk]] = {}
         self._modes: dict[str, str] = {}
+        self._credits: dict[str, Credits] = {}  # t2v sessions
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
@@ -70,12 +119,7 @@ class EngineBridge:
     async def stop(self) -> None:
         if self._thread is None:
             return
-        while True:  # the stop marker must get in even when D_in is full
-            try:
-                self._commands.put_nowait(_STOP)
-                break
-            except queue.Full:
-                await asyncio.sleep(0.01)
+        self._commands.put_nowait(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
@@ -89,6 +133,7 @@ class EngineBridge:
             "d_in_max": self.d_in,
             "d_out": {sid: q.qsize() for sid, q in self._outputs.items()},
             "d_out_max": self.d_out,
+            "t2v_credits": {sid: c.target for sid, c in self._credits.items()},
         }
 
     # ---- commands (loop side) -----------------------------------------------------------------
@@ -101,37 +146,67 @@ class EngineBridge:
             raise RuntimeError(f"the engine thread stopped: {self._failed!r}")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         await self._room.acquire()  # D_in: wait for room without blocking the loop
-        try:
-            self._commands.put_nowait((fn, future))
-        except queue.Full:  # cannot happen while every put holds the semaphore
-            self._room.release()
-            raise
+        self._commands.put_nowait((fn, future))
         return await asyncio.wrap_future(future)
+
+    def _grant(self, sid: str, chunks: int, reset: bool = False) -> None:
+        """Give a t2v session ``chunks`` more credits (``reset``: exactly ``chunks`` not yet started)
+        without waiting for the engine: it applies them before its next tick. Awaiting a command
+        here would hold each chunk on its way to the client until the running tick ends."""
+        with self._grants_lock:
+            first, more = (chunks, 0) if reset else self._grants.get(sid, (None, 0))
+            self._grants[sid] = (first, more + (0 if reset else chunks))
+        self._commands.put_nowait(_WAKE)
+
+    def _apply_grants(self) -> None:
+        with self._grants_lock:
+            grants, self._grants = self._grants, {}
+        for sid, (first, more) in grants.items():
+            with contextlib.suppress(KeyError):  # closed meanwhile
+                if first is not None:
+                    self.engine.set_demand(sid, first)
+                if more:
+                    self.engine.request(sid, more)
 
     async def open_session(self, params: dict[str, Any], mode: str) -> str:
         sid = await self.call(lambda e: e.open_session(params, mode))
-        self._outputs[sid] = asyncio.Queue(maxsize=self.d_out)
         self._modes[sid] = mode
         if mode == "t2v":
-            await self.call(lambda e: e.request(sid, self.d_out))  # one credit per place in D_out
+            credits = self._credits[sid] = Credits(self.d_out, self.d_out + self.engine.pipeline_depth)
+            # Room for every credit: a client that stops reading never makes a t2v chunk be dropped.
+            self._outputs[sid] = asyncio.Queue(maxsize=credits.high)
+            self._grant(sid, credits.target)
+        else:
+            self._outputs[sid] = asyncio.Queue(maxsize=self.d_out)
         return sid
 
     async def close_session(self, sid: str) -> None:
         self._outputs.pop(sid, None)
         self._modes.pop(sid, None)
+        self._credits.pop(sid, None)
         with contextlib.suppress(RuntimeError, KeyError):
             await self.call(lambda e: e.close_session(sid))
 
-    async def get_chunk(self, sid: str, timeout: float | None = None) -> DecodedChunk | None:
+    async def get_chunk(self, sid: str, timeout: float | None = None, lead: float = 0.0) -> DecodedChunk | None:
         """The session's next decoded chunk (in completion order), None after ``timeout`` seconds.
-        Taking a t2v chunk frees its place in D_out: the engine is asked for one more."""
+        Taking a t2v chunk gives its credit back: the engine is asked for more (see :class:`Credits`).
+        ``lead``: seconds the consumer can still play without this chunk; waiting longer is starving."""
+        out = self._outputs[sid]
+        asked, waiting = time.monotonic(), not out.empty()
         try:
-            chunk = await asyncio.wait_for(self._outputs[sid].get(), timeout)
+            chunk = await asyncio.wait_for(out.get(), timeout)
         except TimeoutError:
             return None
-        if self._modes.get(sid) == "t2v":
-            await self.call(lambda e: e.request(sid, 1) if sid in e.sessions else None)
+        credits = self._credits.get(sid)
+        starved = not waiting and time.monotonic() - asked > lead
+        if credits is not None and (more := credits.after_take(starved)):
+            self._grant(sid, more)
         return chunk
+
+    def credits(self, sid: str) -> int | None:
+        """A t2v session's chunks asked for and not yet taken (None: v2v or closed)."""
+        credits = self._credits.get(sid)
+        return None if credits is None else credits.target
 
     async def cut(self, sid: str) -> tuple[int, int]:
         """Hard cut: returns (new epoch, its first chunk index). Old-epoch chunks already queued are
@@ -143,9 +218,9 @@ class EngineBridge:
 
         epoch, first = await self.call(cut)
         self.drain(sid, keep=lambda c: c.envelope.epoch >= epoch)
-        if self._modes.get(sid) == "t2v":
-            room = self.d_out - self._outputs[sid].qsize()
-            await self.call(lambda e: e.set_demand(sid, room))
+        if (credits := self._credits.get(sid)) is not None:
+            # The engine applies this after the cut (already done) and before any credit given later.
+            self._grant(sid, credits.target - self._outputs[sid].qsize(), reset=True)
         return epoch, first
 
     def drain(self, sid: str, keep: Callable[[DecodedChunk], bool]) -> int:
@@ -171,11 +246,18 @@ class EngineBridge:
         assert self._room is not None
         self._room.release()
 
+    def _next_command(self) -> Any:
+        try:
+            return self._commands.get_nowait()
+        except queue.Empty:
+            return None
+
     def _run(self) -> None:
         assert self._loop is not None
         loop = self._loop
         try:
             while True:
+                self._apply_grants()
                 idle = not self.engine.has_work()
                 try:
                     # Wait for a command only when there is nothing to compute.
@@ -185,6 +267,10 @@ class EngineBridge:
                 while item is not None:
                     if item is _STOP:
                         return
+                    if item is _WAKE:
+                        self._apply_grants()
+                        item = self._next_command()
+                        continue
                     loop.call_soon_threadsafe(self._release_room)
                     fn, future = item
                     if future.set_running_or_notify_cancel():
@@ -193,10 +279,7 @@ class EngineBridge:
                         except Exception as e:  # bad input reaches the caller, the engine goes on
                             future.set_exception(e)
                     self.stats.commands += 1
-                    try:
-                        item = self._commands.get_nowait()
-                    except queue.Empty:
-                        item = None
+                    item = self._next_command()
                 if not self.engine.has_work():
                     continue
                 chunks = self.engine.step()

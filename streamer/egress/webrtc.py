@@ -31,7 +31,7 @@ class OutFrame:
     chunk_index: int
     pts: int  # 90 kHz, on the session's output timeline
     rgb: np.ndarray  # uint8 [H, W, 3]
-    ready: float  # time.monotonic() when the frame reached the session (for latency)
+    ready: float  # time.monotonic() when its chunk was scheduled (entered its window): latency is from here
 
 
 class PacedVideoTrack(MediaStreamTrack):
@@ -50,7 +50,7 @@ class PacedVideoTrack(MediaStreamTrack):
         self._epoch = current_epoch
         self._on_sent = on_sent
         self._on_stale = on_stale
-        self._pace = pace  # False: send as fast as frames come (throughput measurements)
+        self.paced = pace  # False: send as fast as frames come (throughput measurements)
         self._anchor: float | None = None  # monotonic time of pts 0
 
     async def recv(self) -> av.VideoFrame:
@@ -64,7 +64,7 @@ class PacedVideoTrack(MediaStreamTrack):
         if self._anchor is None or now > self._anchor + due:  # first frame, or late: the clock moves back
             self._anchor = now - due
         delay = self._anchor + due - now
-        if delay > 0 and self._pace:
+        if delay > 0 and self.paced:
             await asyncio.sleep(delay)
         if item.epoch < self._epoch():  # a cut was acknowledged while we waited
             self._on_stale(item)
