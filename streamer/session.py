@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection
@@ -30,6 +30,7 @@ from streamer.reorder import Reorder
 log = logging.getLogger(__name__)
 
 MAX_CONTROL_BYTES = 16 * 1024
+SENT_LOG = 20_000  # frames kept in SessionMetrics.sent_log: ~20 minutes at 16 fps, ~1 MB
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -39,13 +40,23 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+class SentFrame(NamedTuple):
+    """One frame handed to the session's track, for metrics, tests and the latency benchmark."""
+
+    when: float  # time.monotonic() it left the track (aiortc encodes and sends it next)
+    epoch: int
+    chunk_index: int
+    pts: int  # 90 kHz, on the session's output timeline
+    scheduled_at: float  # its chunk entered the window (time.monotonic())
+
+
 @dataclass
 class SessionMetrics:
     started: float = field(default_factory=time.monotonic)  # offer received
     first_frame: float | None = None
     sent: deque[float] = field(default_factory=lambda: deque(maxlen=600))  # send times of recent frames
     latency: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # chunk scheduled -> frame sent, s
-    sent_log: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=2000))  # (time, epoch, chunk)
+    sent_log: deque[SentFrame] = field(default_factory=lambda: deque(maxlen=SENT_LOG))
     chunks_out: int = 0
     frames_out: int = 0
     frames_dropped: int = 0  # stale output frames (a cut); input drops are the chunker's
@@ -123,7 +134,9 @@ class Session:
         while True:
             deadline = self.reorder.deadline()
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            chunk = await self.bridge.get_chunk(self.sid, timeout)
+            # Paced, the frames buffered here play for this long: a chunk later than that stalls the video.
+            lead = self.frames.qsize() / self.frame_rate if self.track.paced else 0.0
+            chunk = await self.bridge.get_chunk(self.sid, timeout, lead)
             now = time.monotonic()
             if chunk is None:
                 ready = self.reorder.poll(now)
@@ -143,7 +156,7 @@ class Session:
         self.metrics.sent.append(when)
         self.metrics.frames_out += 1
         self.metrics.latency.append(when - frame.ready)
-        self.metrics.sent_log.append((when, frame.epoch, frame.chunk_index))
+        self.metrics.sent_log.append(SentFrame(when, frame.epoch, frame.chunk_index, frame.pts, frame.ready))
 
     def _stale(self, frame: OutFrame) -> None:
         self.metrics.frames_dropped += 1

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bench.latency import CHROMIUM, PATHS, browser_unavailable, compare, distribution, steady_fps
+from bench.latency.browser_path import CHROMIUM, browser_unavailable
+from bench.latency.common import PATHS, distribution, steady_fps
+from bench.latency.report import compare
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -42,7 +44,7 @@ def t2v(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One short run of every path (the browser's where this machine can run it): tiny, t2v, 32x32."""
     out = tmp_path_factory.mktemp("latency")
     args: list[str | Path] = ["--config", "configs/tiny.yaml", "--mode", "t2v", "--seconds", "3"]
-    args += ["--height", "32", "--width", "32", "--json", out / "run.json"]
+    args += ["--height", "32", "--width", "32", "--rounds", "2", "--round-seconds", "1", "--json", out / "run.json"]
     if HAS_MATPLOTLIB:
         args += ["--plot", out / "run.png"]
     proc = run_bench(*args)
@@ -70,12 +72,17 @@ def test_the_report_has_every_field_with_sane_values(t2v: dict[str, Any]) -> Non
     assert served["server_metrics"]["frames_out"] > 0 and served["server_engine"]["ticks"] > 0
     assert served["frames_matched"] == served["frames"]  # every frame received was matched to its send
     assert served["latency_parts"]["sent_to_arrival_ms"]["p50"] >= 0
-    # t2v: efficiency is the served path's throughput with pacing off over the engine alone
-    assert served["throughput_fps"] > 0
-    assert r["efficiency"] == pytest.approx(served["throughput_fps"] / r["paths"]["engine"]["fps"], rel=1e-3)
+    # t2v: efficiency is the median over rounds of the served path's throughput (pacing off) over the engine alone
+    detail = r["efficiency_detail"]
+    assert len(detail["rounds"]) == 2 and detail["window_s"] == 1
+    for row in detail["rounds"]:
+        engine, served_window = row["engine"], row["served"]
+        assert engine["frames"] > 0 and served_window["frames"] > 0 and engine["cpu_ms_per_frame"] > 0
+        assert row["ratio"] == pytest.approx(served_window["fps"] / engine["fps"], rel=1e-3)
+    assert r["efficiency"] == pytest.approx(sum(row["ratio"] for row in detail["rounds"]) / 2, rel=1e-3)
     assert r["efficiency_capped"] == pytest.approx(served["fps"] / min(r["paths"]["engine"]["fps"], 16), rel=1e-3)
-    assert r["efficiency_definition"].startswith("served throughput with pacing off")
-    assert "efficiency" in t2v["stdout"]
+    assert r["efficiency_definition"].startswith("median over rounds of served throughput")
+    assert "efficiency rounds (1 s each)" in t2v["stdout"]
 
 
 @pytest.mark.slow

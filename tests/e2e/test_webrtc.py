@@ -120,7 +120,7 @@ def test_t2v_frames_prompt_and_cut():
             session = app[STATE].sessions[client.session_id]
             acked = session.cut_acked
             await client.frames(8)
-            sent_after = [(t, e) for t, e, _ in session.metrics.sent_log if t > acked]
+            sent_after = [(f.when, f.epoch) for f in session.metrics.sent_log if f.when > acked]
             assert sent_after and all(e == 1 for _, e in sent_after)  # nothing of epoch 0 after the ack
 
             status, metrics = await get(base, "/api/metrics")

@@ -1,0 +1,5 @@
+import sys
+
+from bench.latency.cli import main
+
+sys.exit(main())
