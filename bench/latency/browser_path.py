@@ -241,7 +241,7 @@ async def browser_session(args: argparse.Namespace) -> dict[str, Any]:
     bring_loopback_up()
     use_ice_addresses(["127.0.0.1"])
     config = load_config(args)
-    models = load_models(config)
+    models = load_models(config, random_weights=args.random_weights)
     in_engine_thread(warm_up, config, models, args.mode)
     with recorded_rtp_origins() as rtp:
         async with local_server(config, models) as server, async_playwright() as p:
@@ -263,6 +263,7 @@ def run_browser_path(args: argparse.Namespace) -> dict[str, Any]:
     cmd = ["unshare", "-n", "--", sys.executable, "-m", "bench.latency", "--browser-child"]
     cmd += ["--config", args.config, "--mode", args.mode, "--seconds", str(args.seconds)]
     cmd += ["--target-ms", str(args.target_ms), "--chromium", args.chromium]
+    cmd += ["--random-weights"] if args.random_weights else []
     for name in ("height", "width"):
         if getattr(args, name) is not None:
             cmd += [f"--{name}", str(getattr(args, name))]

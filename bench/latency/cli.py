@@ -42,7 +42,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     config = load_config(args)
     host = (urlparse(args.server).hostname or "127.0.0.1") if args.server else "127.0.0.1"
     use_ice_addresses(ice_addresses_for(host, None))  # loopback only for a loopback server
-    models = load_models(config)
+    models = load_models(config, random_weights=args.random_weights)
     print(
         f"bench.latency: {config.model.name} {config.width}x{config.height} {args.mode} on {config.device}, "
         f"warm-up {in_engine_thread(warm_up, config, models, args.mode)} s",
@@ -75,6 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--round-seconds", type=float, default=3.0, help="t2v efficiency: seconds per window")
     parser.add_argument("--chromium", default=CHROMIUM)
+    parser.add_argument("--random-weights", action="store_true", help="seeded random weights (GPU speed runs)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--browser-child", action="store_true", help=argparse.SUPPRESS)

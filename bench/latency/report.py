@@ -17,7 +17,8 @@ SCHEMA = 1
 
 
 def config_json(config: SystemConfig, args: argparse.Namespace) -> dict[str, Any]:
-    return {"file": args.config, **config.summary()}
+    random = bool(getattr(args, "random_weights", False)) or config.model.weights == "random"
+    return {"file": args.config, **config.summary(), "random_weights": random}
 
 
 def machine(paths: dict[str, Any]) -> dict[str, Any]:
