@@ -87,12 +87,17 @@ def print_table(report: dict[str, Any]) -> None:
     )
     detail = report.get("efficiency_detail")
     if detail:
-        cpu = detail["cpu_ms_per_frame"]
+        fps, cpu = detail["fps"], detail["cpu_ms_per_frame"]
         print(
-            f"efficiency rounds ({detail['window_s']:g} s each): "
-            + ", ".join(f"{row['ratio']:.3f}" for row in detail["rounds"])
-            + f"; median engine {detail['engine_fps']:.2f} fps, served {detail['served_fps']:.2f} fps; "
-            f"CPU ms per frame (whole process): engine {cpu['engine']:.1f}, served {cpu['served']:.1f}"
+            f"efficiency rounds ({detail['window_s']:g} s windows): client process "
+            + ", ".join(f"{row['process']['ratio']:.3f}" for row in detail["rounds"])
+            + "; inline client "
+            + ", ".join(f"{row['inline']['ratio']:.3f}" for row in detail["rounds"])
+            + f" (median {detail['efficiency_inline_client']:.3f})"
+        )
+        print(
+            "  median fps / server-process CPU ms per frame: "
+            + ", ".join(f"{side} {fps[side]:.2f} / {cpu[side]:.1f}" for side in fps)
         )
     for name in PATHS:
         stages = report["paths"].get(name, {}).get("stages_ms")
