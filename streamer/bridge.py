@@ -67,7 +67,7 @@ class Credits:
         self.patience = self.patience or self.high
 
     def after_take(self, starved: bool) -> int:
-        """A chunk was taken; ``starved``: none was waiting when the consumer asked. Returns how
+        """A chunk was taken; ``starved``: it came later than the consumer needed it. Returns how
         many chunks to ask the engine for now."""
         if starved:
             self._ahead = 0
@@ -96,10 +96,12 @@ class EngineBridge:
         # D_in is bounded by the semaphore ``_room`` (callers wait on it); the queue itself is not, so
         # the stop and wake markers always get in.
         self._commands: queue.Queue[Any] = queue.Queue()
-        # t2v credits given back and not yet passed to the engine: sid -> (demand to set first, or
-        # None; chunks to add). Written on the loop, applied by the engine thread before each tick.
-        self._grants: dict[str, tuple[int | None, int]] = {}
+        self._queued = 0  # commands in D_in (loop side)
+        # t2v credits given back and not yet passed to the engine: sid -> chunks. Written on the loop,
+        # applied by the engine thread before each tick.
+        self._grants: dict[str, int] = {}
         self._grants_lock = threading.Lock()
+        self._epochs: dict[str, int] = {}  # each session's epoch: chunks of older ones give no credit back
         self._room: asyncio.Semaphore | None = None
         self._outputs: dict[str, asyncio.Queue[DecodedChunk]] = {}
         self._modes: dict[str, str] = {}
@@ -129,7 +131,7 @@ class EngineBridge:
 
     def queue_depths(self) -> dict[str, Any]:
         return {
-            "d_in": self._commands.qsize(),
+            "d_in": self._queued,
             "d_in_max": self.d_in,
             "d_out": {sid: q.qsize() for sid, q in self._outputs.items()},
             "d_out_max": self.d_out,
@@ -146,35 +148,33 @@ class EngineBridge:
             raise RuntimeError(f"the engine thread stopped: {self._failed!r}")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         await self._room.acquire()  # D_in: wait for room without blocking the loop
+        self._queued += 1
         self._commands.put_nowait((fn, future))
         return await asyncio.wrap_future(future)
 
-    def _grant(self, sid: str, chunks: int, reset: bool = False) -> None:
-        """Give a t2v session ``chunks`` more credits (``reset``: exactly ``chunks`` not yet started)
-        without waiting for the engine: it applies them before its next tick. Awaiting a command
-        here would hold each chunk on its way to the client until the running tick ends."""
+    def _grant(self, sid: str, chunks: int) -> None:
+        """Give a t2v session ``chunks`` more credits without waiting for the engine: it applies them
+        before its next tick. Awaiting a command here would hold each chunk on its way to the client
+        until the running tick ends."""
         with self._grants_lock:
-            first, more = (chunks, 0) if reset else self._grants.get(sid, (None, 0))
-            self._grants[sid] = (first, more + (0 if reset else chunks))
+            self._grants[sid] = self._grants.get(sid, 0) + chunks
         self._commands.put_nowait(_WAKE)
 
     def _apply_grants(self) -> None:
         with self._grants_lock:
             grants, self._grants = self._grants, {}
-        for sid, (first, more) in grants.items():
+        for sid, chunks in grants.items():
             with contextlib.suppress(KeyError):  # closed meanwhile
-                if first is not None:
-                    self.engine.set_demand(sid, first)
-                if more:
-                    self.engine.request(sid, more)
+                self.engine.request(sid, chunks)
 
     async def open_session(self, params: dict[str, Any], mode: str) -> str:
         sid = await self.call(lambda e: e.open_session(params, mode))
         self._modes[sid] = mode
+        self._epochs[sid] = 0
         if mode == "t2v":
             credits = self._credits[sid] = Credits(self.d_out, self.d_out + self.engine.pipeline_depth)
-            # Room for every credit: a client that stops reading never makes a t2v chunk be dropped.
-            self._outputs[sid] = asyncio.Queue(maxsize=credits.high)
+            # Unbounded: the credits bound it, and a t2v chunk is never dropped for want of room.
+            self._outputs[sid] = asyncio.Queue()
             self._grant(sid, credits.target)
         else:
             self._outputs[sid] = asyncio.Queue(maxsize=self.d_out)
@@ -184,6 +184,7 @@ class EngineBridge:
         self._outputs.pop(sid, None)
         self._modes.pop(sid, None)
         self._credits.pop(sid, None)
+        self._epochs.pop(sid, None)
         with contextlib.suppress(RuntimeError, KeyError):
             await self.call(lambda e: e.close_session(sid))
 
@@ -198,9 +199,10 @@ class EngineBridge:
         except TimeoutError:
             return None
         credits = self._credits.get(sid)
-        starved = not waiting and time.monotonic() - asked > lead
-        if credits is not None and (more := credits.after_take(starved)):
-            self._grant(sid, more)
+        if credits is not None and chunk.envelope.epoch >= self._epochs.get(sid, 0):
+            starved = not waiting and time.monotonic() - asked > lead
+            if more := credits.after_take(starved):
+                self._grant(sid, more)
         return chunk
 
     def credits(self, sid: str) -> int | None:
@@ -210,22 +212,27 @@ class EngineBridge:
 
     async def cut(self, sid: str) -> tuple[int, int]:
         """Hard cut: returns (new epoch, its first chunk index). Old-epoch chunks already queued are
-        dropped (they were delivered before the cut's answer: callbacks keep their order); a t2v
-        session's credits are reset, since the chunks it had in flight will never come."""
+        dropped (they were delivered before the cut's answer: callbacks keep their order). A t2v
+        session's chunks in flight will never come, so its demand is set to its credits in the same
+        step as the cut, and old-epoch chunks taken from now on give no credit back."""
+        credits = self._credits.get(sid)
+        self._epochs[sid] = self._epochs.get(sid, 0) + 1  # Engine.cut moves the epoch on by one
+        with self._grants_lock:
+            self._grants.pop(sid, None)  # the new demand below covers them
 
         def cut(e: Engine) -> tuple[int, int]:
-            return e.cut(sid), e.next_chunk_index(sid)
+            epoch = e.cut(sid)
+            if credits is not None:
+                e.set_demand(sid, credits.target)
+            return epoch, e.next_chunk_index(sid)
 
         epoch, first = await self.call(cut)
         self.drain(sid, keep=lambda c: c.envelope.epoch >= epoch)
-        if (credits := self._credits.get(sid)) is not None:
-            # The engine applies this after the cut (already done) and before any credit given later.
-            self._grant(sid, credits.target - self._outputs[sid].qsize(), reset=True)
         return epoch, first
 
     def drain(self, sid: str, keep: Callable[[DecodedChunk], bool]) -> int:
-        """Drop queued chunks of ``sid`` that ``keep`` rejects (a cut); returns how many.
-        Their t2v credits are the caller's to give back (see :meth:`cut`)."""
+        """Drop queued chunks of ``sid`` that ``keep`` rejects (a cut); returns how many. They give
+        no t2v credit back (see :meth:`cut`)."""
         out = self._outputs.get(sid)
         if out is None:
             return 0
@@ -244,6 +251,7 @@ class EngineBridge:
 
     def _release_room(self) -> None:
         assert self._room is not None
+        self._queued -= 1
         self._room.release()
 
     def _next_command(self) -> Any:
@@ -295,7 +303,7 @@ class EngineBridge:
         out = self._outputs.get(chunk.envelope.session_id)
         if out is None:  # the session closed meanwhile
             return
-        if out.full():
+        if out.full():  # v2v only (t2v queues are bounded by their credits)
             # v2v sessions are paced by their input, and the track takes one chunk per chunk of
             # input; a full queue means the client stopped reading: drop the oldest (newest wins).
             out.get_nowait()

@@ -67,3 +67,35 @@ def test_a_fast_consumer_gets_a_full_pipeline_a_slow_one_a_short_one(pause):
     else:  # the engine (~20 ms a tick here) is far ahead of the consumer: two chunks ahead, no more
         assert credits == 2
         assert per_tick <= 3
+
+
+def test_a_client_that_stops_reading_holds_exactly_its_credits_also_after_a_cut():
+    engine = Engine(tiny_config())
+
+    async def idle(bridge: EngineBridge) -> None:
+        quiet = 0
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            quiet = quiet + 1 if not bridge.engine.has_work() else 0
+            if quiet == 3:
+                return
+        raise TimeoutError("the engine never went idle")
+
+    async def main() -> tuple[int | None, int, list[int]]:
+        bridge = EngineBridge(engine, d_out=2)
+        await bridge.start()
+        try:
+            sid = await bridge.open_session({"prompt": "x"}, "t2v")
+            for _ in range(6):  # taken as fast as they come: the credits grow
+                await bridge.get_chunk(sid, 30)
+            assert (await bridge.cut(sid))[0] == 1
+            epochs = [(await bridge.get_chunk(sid, 30)).envelope.epoch for _ in range(3)]  # type: ignore[union-attr]
+            await idle(bridge)  # the client stops reading: the engine finishes what it was asked for
+            return bridge.credits(sid), bridge.queue_depths()["d_out"][sid], epochs
+        finally:
+            await bridge.stop()
+
+    credits, queued, epochs = asyncio.run(main())
+    assert epochs == [1, 1, 1]
+    assert credits is not None and credits > 2  # it grew
+    assert queued == credits  # no chunk lost, none made beyond the credits: the cut voided the old ones
