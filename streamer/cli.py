@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--consent-interval", type=int, default=2, help="seconds between ICE consent checks (6 missed: client gone)"
     )
     serve.add_argument("--d-in", type=int, default=64, help="bound of the command queue to the engine")
-    serve.add_argument("--d-out", type=int, default=2, help="decoded chunks waiting per session")
+    serve.add_argument(
+        "--d-out", type=int, default=2, help="decoded chunks waiting per session (t2v: the fewest chunks asked ahead)"
+    )
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -147,8 +147,9 @@ class Session:
                     self.metrics.frames_dropped += c.num_frames
                     continue
                 self.metrics.chunks_out += 1
+                env = c.envelope
                 for rgb, pts in zip(c.frames, c.pts, strict=True):
-                    await self.frames.put(OutFrame(c.envelope.epoch, c.envelope.chunk_index, pts, rgb, c.scheduled_at))
+                    await self.frames.put(OutFrame(env.epoch, env.chunk_index, pts, rgb, c.scheduled_at, now))
 
     def _sent(self, frame: OutFrame, when: float) -> None:
         if self.metrics.first_frame is None:

@@ -2,10 +2,9 @@
 
 aiortc does not pace a track: it sends a frame as soon as ``recv()`` returns one (and encodes it in
 a worker thread). Here ``recv()`` waits until the frame's presentation time on a clock anchored at
-the first frame. A late frame moves the clock back by its lateness (the playout delay grows to what
-the pipeline needs), so the frames of a chunk that arrive together still leave one frame interval
-apart instead of in a burst. Frames of an epoch older than the session's current one are dropped
-here too, the last hop before the wire.
+the first frame (:class:`Playout`), so the frames of a chunk that arrive together still leave one
+frame interval apart instead of in a burst. Frames of an epoch older than the session's current one
+are dropped here too, the last hop before the wire.
 """
 
 from __future__ import annotations
@@ -32,6 +31,38 @@ class OutFrame:
     pts: int  # 90 kHz, on the session's output timeline
     rgb: np.ndarray  # uint8 [H, W, 3]
     ready: float  # time.monotonic() when its chunk was scheduled (entered its window): latency is from here
+    arrived: float  # time.monotonic() when its chunk reached the session: the earliest it could be sent
+
+
+class Playout:
+    """When each frame is sent: at its pts on a clock anchored at the first frame, with a delay that
+    follows what the pipeline needs.
+
+    A frame that comes later than its time moves the clock back by its lateness (the delay grows at
+    once: no frame is ever held back to catch up). A delay grown by a hiccup would otherwise stay for
+    the rest of the session, so it also shrinks: when every frame of the last ``window`` seconds came
+    at least ``margin`` earlier than its time, the clock moves forward by the smallest such slack less
+    ``margin``, at most ``max_step`` at a time (a few frames leave close together, then the pace is
+    even again)."""
+
+    def __init__(self, margin: float = 0.03, window: float = 2.0, max_step: float = 0.1) -> None:
+        self.margin, self.window, self.max_step = margin, window, max_step
+        self.anchor: float | None = None  # time of pts 0
+        self._since = 0.0  # start of the current window
+        self._slack = float("inf")  # the least slack seen in it
+
+    def send_time(self, at: float, arrived: float, now: float) -> float:
+        """When to send the frame presented ``at`` seconds after the first, which arrived at ``arrived``
+        and is asked for ``now`` (all ``time.monotonic()``)."""
+        if self.anchor is None or now > self.anchor + at:  # first frame, or late: the clock moves back
+            self.anchor, self._since, self._slack = now - at, now, float("inf")
+            return now
+        self._slack = min(self._slack, self.anchor + at - arrived)
+        if now - self._since >= self.window:
+            if self._slack > self.margin:
+                self.anchor -= min(self._slack - self.margin, self.max_step)
+            self._since, self._slack = now, float("inf")
+        return max(now, self.anchor + at)
 
 
 class PacedVideoTrack(MediaStreamTrack):
@@ -51,7 +82,7 @@ class PacedVideoTrack(MediaStreamTrack):
         self._on_sent = on_sent
         self._on_stale = on_stale
         self.paced = pace  # False: send as fast as frames come (throughput measurements)
-        self._anchor: float | None = None  # monotonic time of pts 0
+        self.playout = Playout()
 
     async def recv(self) -> av.VideoFrame:
         while True:
@@ -59,11 +90,8 @@ class PacedVideoTrack(MediaStreamTrack):
             if item.epoch >= self._epoch():
                 break
             self._on_stale(item)
-        due = item.pts / PTS_CLOCK
         now = time.monotonic()
-        if self._anchor is None or now > self._anchor + due:  # first frame, or late: the clock moves back
-            self._anchor = now - due
-        delay = self._anchor + due - now
+        delay = self.playout.send_time(item.pts / PTS_CLOCK, item.arrived, now) - now
         if delay > 0 and self.paced:
             await asyncio.sleep(delay)
         if item.epoch < self._epoch():  # a cut was acknowledged while we waited
