@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{config.steps} steps, chunk_frames={config.chunk_frames}, context={config.context}",
         file=sys.stderr,
     )
-    for r in range(args.rounds):
+    for round_ in range(args.rounds):
         for case in cases:
             run_round(case, models, config, warmup, args.ticks)
-            print(f"  round {r + 1}/{args.rounds} {case.name}: done", file=sys.stderr)
+            print(f"  round {round_ + 1}/{args.rounds} {case.name}: done", file=sys.stderr)
 
     results = {c.name: c.summary() for c in cases}
     many = args.sessions

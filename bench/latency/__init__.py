@@ -39,11 +39,12 @@ How each number is measured (per path; times are ``time.monotonic()`` unless sai
     client's camera frame made -> the same frame, id read from its pixels, received back. Exact.
   - ``pts_match`` (webrtc t2v, and v2v where the model does not keep the ids, e.g. ``tiny``): chunk
     scheduled at the in-process server -> frame received by the client, frames matched by pts (the
-    server's sends are recorded per frame by wrapping ``Session._sent``).
+    server's session records every frame it sends: ``SessionMetrics.sent_log``).
   - ``server_metrics`` (``--server URL`` when ids are not readable): the server's own p50/p95/p99 of
     chunk scheduled -> frame sent, from ``/api/metrics``; no per-frame data, no max.
   - ``rtp_match`` (browser): chunk scheduled at the server -> frame presented by Chromium, matched by RTP
-    timestamp (the sender's random RTP origin is recorded), page clock mapped onto ``time.monotonic()``
+    timestamp (the sender's random RTP origin, which aiortc keeps nowhere, is recorded by wrapping its
+    ``random32`` while the browser path's server runs), page clock mapped onto ``time.monotonic()``
     by the sample of ``performance.now()`` with the shortest round trip. ``latency_estimate_ms`` adds
     the server's p50 to ``getStats()``'s mean jitter-buffer delay and decode time instead.
 - ``deadline_miss_rate``: the share of frames whose latency is over ``--target-ms``.
@@ -55,8 +56,15 @@ How each number is measured (per path; times are ``time.monotonic()`` unless sai
 - ``stages_ms``: ms per call of the DiT executor, VAE decode/encode and whole ticks (the server's engine
   for webrtc and browser, which run the same StageTimes wrappers).
 
-Top level: the webrtc path's numbers (what a client is served), ``efficiency`` = served FPS / engine-alone
-FPS (same config, same run) and ``efficiency_capped`` = served FPS / min(engine FPS, the model's fps): the
+Top level: the webrtc path's numbers (what a client is served) and the system efficiency
+(``bench/latency/efficiency.py``): t2v, the served path's throughput with pacing off ÷ the engine alone,
+measured after the paths in ``--rounds`` interleaved rounds of ``--round-seconds`` windows (median of the
+per-round ratios; ``efficiency_detail`` has every window, and the same with the client inline); v2v, the
+paced served FPS ÷ min(engine FPS, the model's fps). ``efficiency_capped`` is the latter in every mode: the
 server paces by pts, so it never serves faster than real time. Exit status: 0; 1 when ``--compare``
 finds something worse beyond ``--tolerance``; 2 for bad arguments, or a path that could not run or failed.
+
+Modules: ``common`` (statistics, stage timers), ``engine_path``, ``served`` (the aiortc client and an
+in-process server), ``browser_path``, ``efficiency`` (+ ``client_process``), ``report`` (JSON, table, plot,
+``--compare``), ``cli``.
 """

@@ -34,8 +34,14 @@ from pipeline.engine import Engine
 from pipeline.models.loader import Models
 from streamer.app import STATE
 
-WARM_FRAMES = 8  # served: frames let through before a window starts (the pipeline fills, the encoder settles)
 CLIENTS = ("process", "inline")
+
+
+def warm_frames(config: SystemConfig) -> int:
+    """Frames a served window lets through before it starts: a t2v session starts with few credits and
+    gains one per chunk that came late (``streamer.bridge.Credits``), so its pipeline is full only after
+    about ``steps`` chunks, and full ticks only ``steps`` ticks later; the engine-alone window starts full."""
+    return config.frames_for_chunk(first=False) * (2 * config.steps + 2)
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,14 @@ async def served_window(config: SystemConfig, models: Models, seconds: float, cl
     """A fresh server with pacing off and one aiortc t2v client, ``process`` (its own process) or ``inline``
     (in this one); frames out of the client's track."""
     async with local_server(config, models, pace=False) as server:
-        return await (inline_client if client == "inline" else client_process)(server, seconds)
+        measure = inline_client if client == "inline" else client_process
+        return await measure(server, seconds, warm_frames(config))
 
 
-async def inline_client(server: Server, seconds: float) -> Window:
+async def inline_client(server: Server, seconds: float, warm: int) -> Window:
     client = await asyncio.wait_for(open_client(server.base, "t2v", None), 30)
     try:
-        for _ in range(WARM_FRAMES):
+        for _ in range(warm):
             await asyncio.wait_for(client.track.recv(), 60)
         meter = Meter()
         while meter.elapsed() < seconds:
@@ -107,13 +114,13 @@ async def inline_client(server: Server, seconds: float) -> Window:
         await client.pc.close()
 
 
-async def client_process(server: Server, seconds: float) -> Window:
+async def client_process(server: Server, seconds: float, warm: int) -> Window:
     """The client's frames/s; CPU per frame of this (the server's) process over a window of the same
     length, frames counted as the server's track sent them."""
-    cmd = [sys.executable, "-m", "bench.latency.client_process", server.base, str(seconds), str(WARM_FRAMES)]
+    cmd = [sys.executable, "-m", "bench.latency.client_process", server.base, str(seconds), str(warm)]
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=PIPE, stderr=PIPE)
     try:
-        sent = await asyncio.wait_for(server_window(server, seconds), 120)
+        sent = await asyncio.wait_for(server_window(server, seconds, warm), 120)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
         if proc.returncode is None:
@@ -125,14 +132,14 @@ async def client_process(server: Server, seconds: float) -> Window:
     return Window(seen["fps"], seen["frames"], seen["seconds"], sent.cpu_ms_per_frame)
 
 
-async def server_window(server: Server, seconds: float) -> Window:
-    """Frames the server's one session sent over ``seconds``, after its first WARM_FRAMES, and its CPU."""
+async def server_window(server: Server, seconds: float, warm: int) -> Window:
+    """Frames the server's one session sent over ``seconds``, after its first ``warm``, and its CPU."""
 
     def sent() -> int:
         sessions = list(server.app[STATE].sessions.values()) if server.app is not None else []
         return sessions[0].metrics.frames_out if sessions else 0
 
-    while sent() < WARM_FRAMES:
+    while sent() < warm:
         await asyncio.sleep(0.01)
     meter, first = Meter(), sent()
     while meter.elapsed() < seconds:
