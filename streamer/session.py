@@ -30,7 +30,7 @@ from streamer.reorder import Reorder
 log = logging.getLogger(__name__)
 
 MAX_CONTROL_BYTES = 16 * 1024
-SENT_LOG = 20_000  # frames kept in SessionMetrics.sent_log: ~20 minutes at 16 fps, ~1 MB
+SENT_LOG = 5_000  # frames kept in SessionMetrics.sent_log: ~5 minutes at 16 fps, ~1 MB
 
 
 def percentile(values: list[float], q: float) -> float | None:
