@@ -104,7 +104,6 @@ class EngineBridge:
         self._epochs: dict[str, int] = {}  # each session's epoch: chunks of older ones give no credit back
         self._room: asyncio.Semaphore | None = None
         self._outputs: dict[str, asyncio.Queue[DecodedChunk]] = {}
-        self._modes: dict[str, str] = {}
         self._credits: dict[str, Credits] = {}  # t2v sessions
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -169,7 +168,6 @@ class EngineBridge:
 
     async def open_session(self, params: dict[str, Any], mode: str) -> str:
         sid = await self.call(lambda e: e.open_session(params, mode))
-        self._modes[sid] = mode
         self._epochs[sid] = 0
         if mode == "t2v":
             credits = self._credits[sid] = Credits(self.d_out, self.d_out + self.engine.pipeline_depth)
@@ -182,7 +180,6 @@ class EngineBridge:
 
     async def close_session(self, sid: str) -> None:
         self._outputs.pop(sid, None)
-        self._modes.pop(sid, None)
         self._credits.pop(sid, None)
         self._epochs.pop(sid, None)
         with contextlib.suppress(RuntimeError, KeyError):
