@@ -3,9 +3,10 @@
 The loop never waits on the model. Commands (open, close, request, submit, params, cut) go to the
 worker through ``D_in``, a bounded queue: when it is full a caller's coroutine waits for room
 (backpressure) while the loop keeps running. Decoded chunks come back through ``D_out``: each
-session has a bounded asyncio queue, and t2v sessions only ask the engine for as many chunks as
-their credits allow (:class:`Credits`), so the worker never blocks on a slow or vanished client and
-one session never holds up another. A command's result or error comes back through a future.
+session has a bounded asyncio queue that drops its oldest chunk when full (a v2v client that stopped
+reading: newest wins), and t2v sessions only ask the engine for as many chunks as their credits
+allow (:class:`Credits`), so the worker never blocks on a slow or vanished client and one session
+never holds up another. A command's result or error comes back through a future.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.types import DecodedChunk
 T = TypeVar("T")
 
 _STOP = object()
-_WAKE = object()  # wakes an idle engine thread: credits were given
+_WAKE = object()  # wakes an idle engine thread: credits were given (at most one in D_in at a time)
 
 
 @dataclass
@@ -93,14 +94,15 @@ class EngineBridge:
         self.d_in = d_in
         self.d_out = d_out  # per session: chunks decoded and not yet taken
         self.stats = BridgeStats()
-        # D_in is bounded by the semaphore ``_room`` (callers wait on it); the queue itself is not, so
-        # the stop and wake markers always get in.
-        self._commands: queue.Queue[Any] = queue.Queue()
+        # D_in: commands wait for room on the semaphore ``_room`` (backpressure, nothing dropped); the
+        # queue holds those ``d_in`` commands plus one wake marker (coalesced) and the stop marker.
+        self._commands: queue.Queue[Any] = queue.Queue(maxsize=d_in + 2)
         self._queued = 0  # commands in D_in (loop side)
         # t2v credits given back and not yet passed to the engine: sid -> chunks. Written on the loop,
         # applied by the engine thread before each tick.
         self._grants: dict[str, int] = {}
         self._grants_lock = threading.Lock()
+        self._wake_queued = False  # a wake marker is in D_in: later grants ride on it
         self._epochs: dict[str, int] = {}  # each session's epoch: chunks of older ones give no credit back
         self._room: asyncio.Semaphore | None = None
         self._outputs: dict[str, asyncio.Queue[DecodedChunk]] = {}
@@ -157,11 +159,16 @@ class EngineBridge:
         until the running tick ends."""
         with self._grants_lock:
             self._grants[sid] = self._grants.get(sid, 0) + chunks
-        self._commands.put_nowait(_WAKE)
+            wake, self._wake_queued = not self._wake_queued, True
+        if wake:
+            self._commands.put_nowait(_WAKE)
 
-    def _apply_grants(self) -> None:
+    def _apply_grants(self, woken: bool = False) -> None:
+        """Pass the credits given so far to the engine (``woken``: called for the wake marker)."""
         with self._grants_lock:
             grants, self._grants = self._grants, {}
+            if woken:
+                self._wake_queued = False
         for sid, chunks in grants.items():
             with contextlib.suppress(KeyError):  # closed meanwhile
                 self.engine.request(sid, chunks)
@@ -171,8 +178,10 @@ class EngineBridge:
         self._epochs[sid] = 0
         if mode == "t2v":
             credits = self._credits[sid] = Credits(self.d_out, self.d_out + self.engine.pipeline_depth)
-            # Unbounded: the credits bound it, and a t2v chunk is never dropped for want of room.
-            self._outputs[sid] = asyncio.Queue()
+            # The credits bound what is asked for and not taken, so this never fills with the current
+            # epoch's chunks; twice that leaves room for old-epoch chunks still queued when a cut comes.
+            # Drop policy when full (see _deliver): drop the oldest.
+            self._outputs[sid] = asyncio.Queue(maxsize=2 * credits.high)
             self._grant(sid, credits.target)
         else:
             self._outputs[sid] = asyncio.Queue(maxsize=self.d_out)
@@ -273,7 +282,7 @@ class EngineBridge:
                     if item is _STOP:
                         return
                     if item is _WAKE:
-                        self._apply_grants()
+                        self._apply_grants(woken=True)
                         item = self._next_command()
                         continue
                     loop.call_soon_threadsafe(self._release_room)
@@ -300,8 +309,9 @@ class EngineBridge:
         out = self._outputs.get(chunk.envelope.session_id)
         if out is None:  # the session closed meanwhile
             return
-        if out.full():  # v2v only (t2v queues are bounded by their credits)
+        if out.full():
             # v2v sessions are paced by their input, and the track takes one chunk per chunk of
             # input; a full queue means the client stopped reading: drop the oldest (newest wins).
+            # A t2v queue has room for all its credits and a cut's leftovers, so it does not fill.
             out.get_nowait()
         out.put_nowait(chunk)
