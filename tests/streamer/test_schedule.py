@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,19 +11,13 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from streamer import schedule as schedule_module
 from streamer.schedule import Schedule, ScheduleError, ScheduleEvent, load_schedule, parse_time
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-EXAMPLE = """\
-- at: 0
-  prompt: a lighthouse on a cliff at dusk
-- at: 4.5
-  prompt: a storm rolls in
-- at: "0:10"
-  cut: true
-  prompt: morning, calm sea
-"""
+# The example of the module's documentation: the docs stay true.
+EXAMPLE = textwrap.dedent(schedule_module.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]) + "\n"
 EXAMPLE_EVENTS = (
     ScheduleEvent(at=0.0, prompt="a lighthouse on a cliff at dusk", cut=False, line=1),
     ScheduleEvent(at=4.5, prompt="a storm rolls in", cut=False, line=3),
