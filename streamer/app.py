@@ -4,11 +4,17 @@ Routes: ``GET /`` (the demo page and its files), ``POST /api/offer``, ``GET /api
 ``GET /api/metrics``. The engine lives behind an :class:`~streamer.bridge.EngineBridge` started and
 stopped with the app (``cleanup_ctx``); every session is closed, and its memory freed, when its
 client goes away or the server stops.
+
+Nothing a client does holds the server (the guarantees in the README): a slot is taken with no await
+between the check and the take; a session whose client has not connected (ICE and DTLS) within
+``connect_timeout`` is closed; a connected client that vanishes is noticed by ICE consent checks
+(``signaling.use_consent_interval``); requests pass :mod:`streamer.guard` (Host, Origin, bodies) and
+control messages :mod:`streamer.datachannel` (size, before reassembly).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,8 +28,10 @@ from pipeline.config import REPO_ROOT, SystemConfig
 from pipeline.engine import Engine, SessionLimitError
 from pipeline.models.loader import Models
 from streamer.bridge import EngineBridge
-from streamer.session import Session
-from streamer.signaling import BadRequest, parse_offer, rtc_configuration
+from streamer.datachannel import bound_messages
+from streamer.guard import BODY_SECONDS, Access, error, middleware, normal_origin, read_json, server_names
+from streamer.session import MAX_CONTROL_BYTES, Session
+from streamer.signaling import BadRequest, Offer, interface_addresses, parse_offer, rtc_configuration
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,15 @@ class ServerOptions:
     max_input_chunks: int = 1  # v2v: encoded input chunks waiting in the engine (live: keep it small)
     pace: bool = True  # tracks send frames at their pts; False: as fast as they come (throughput benchmarks)
     web_dir: Path = WEB_DIR
+    connect_timeout: float = 10.0  # seconds from the answer to ICE and DTLS connected; then the slot is freed
+    body_timeout: float = BODY_SECONDS  # seconds an offer's body may take to arrive (then 408)
+    host: str = "127.0.0.1"  # the address the server is bound to: Host headers must name it (see guard)
+    allow_hosts: tuple[str, ...] = ()  # more names for Host headers (--allow-host), e.g. behind a proxy
+    allow_origins: tuple[str, ...] = ()  # foreign origins allowed, with CORS headers (--allow-origin)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.connect_timeout, (int, float)) and 0 < self.connect_timeout <= 60):
+            raise ValueError(f"connect_timeout={self.connect_timeout!r} is not allowed: more than 0, at most 60 s")
 
 
 @dataclass
@@ -48,36 +65,42 @@ class ServerState:
     options: ServerOptions
     models: Models | None
     bridge: EngineBridge | None = None
-    sessions: dict[str, Session] = field(default_factory=dict)
+    sessions: dict[str, Session] = field(default_factory=dict)  # open ones, until their engine session is closed
+    reserved: int = 0  # slots taken by offers still being answered (taken before their first await)
+    closing: set[int] = field(default_factory=set)  # id() of sessions being closed
 
     @property
     def max_sessions(self) -> int:
         return self.config.max_sessions
 
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_sessions - self.reserved - len(self.sessions))
+
 
 STATE = web.AppKey("state", ServerState)
-
-
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 async def offer(request: web.Request) -> web.Response:
     state = request.app[STATE]
     assert state.bridge is not None
-    try:
-        body = await request.json()
-    except json.JSONDecodeError as e:
-        return error(400, f"body is not JSON: {e.msg} at position {e.pos}")
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+    body = await read_json(request, MAX_BODY_BYTES, state.options.body_timeout)
     try:
         parsed = parse_offer(body)
     except BadRequest as e:
         return error(400, str(e))
-    if len(state.sessions) >= state.max_sessions:
+    if state.free_slots == 0:  # checked and taken with no await in between: N offers at once open at most N
         return error(503, f"the server serves its limit of {state.max_sessions} sessions; try again later")
+    state.reserved += 1
+    try:
+        return await answer(state, parsed)
+    finally:
+        state.reserved -= 1
 
+
+async def answer(state: ServerState, parsed: Offer) -> web.Response:
+    """Open the session of an offer whose slot is reserved; the slot passes to ``state.sessions``."""
+    assert state.bridge is not None
     pc = RTCPeerConnection(rtc_configuration(state.options.ice_servers))
     cfg = state.config
     session = Session(
@@ -93,8 +116,11 @@ async def offer(request: web.Request) -> web.Response:
 
     @pc.on("datachannel")
     def on_datachannel(channel: Any) -> None:
-        if channel.label == "control":
+        if channel.label == "control" and session.control is None:
             session.attach_control(channel)
+        else:  # one control channel per session; nothing else is listened to
+            log.warning("session %s: data channel %r refused", session.sid, channel.label)
+            channel.close()
 
     @pc.on("track")
     def on_track(track: Any) -> None:
@@ -103,7 +129,9 @@ async def offer(request: web.Request) -> web.Response:
 
     @pc.on("connectionstatechange")
     async def on_state() -> None:
-        if pc.connectionState in ("failed", "closed"):
+        if pc.connectionState == "connected":
+            session.connected.set()
+        elif pc.connectionState in ("failed", "closed"):
             await drop(state, session)
 
     try:
@@ -126,25 +154,45 @@ async def offer(request: web.Request) -> web.Response:
     except Exception as e:
         await drop(state, session)
         return error(400, f"sdp cannot be answered: {type(e).__name__}: {e}")
+    session.spawn(expire_unless_connected(state, session, state.options.connect_timeout), "connect-deadline")
     log.info("session %s opened (%s)", sid, parsed.mode)
     return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session_id": sid})
 
 
+async def expire_unless_connected(state: ServerState, session: Session, seconds: float) -> None:
+    """Free the slot of a client that does not connect (ICE and DTLS) within ``seconds`` of its answer:
+    one that went away, sent no candidates, or never nominates a pair."""
+    try:
+        await asyncio.wait_for(session.connected.wait(), seconds)
+    except TimeoutError:
+        log.warning("session %s did not connect within %g s; closed", session.sid, seconds)
+        await drop(state, session)
+
+
 async def drop(state: ServerState, session: Session) -> None:
-    if state.sessions.get(session.sid) is session:
-        del state.sessions[session.sid]
-    await session.close()
+    """Close ``session``; its slot is free once its engine session is closed (called from anywhere, once or more)."""
+    if id(session) in state.closing or session.closed.is_set():
+        return
+    state.closing.add(id(session))
+    try:
+        await session.close()
+    finally:
+        state.closing.discard(id(session))
+        if state.sessions.get(session.sid) is session:
+            del state.sessions[session.sid]
     log.info("session %s closed", session.sid)
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ok = state.bridge is not None and state.bridge.alive
+    free = state.free_slots
     body = {
-        "status": "ok" if ok else "error",
+        "status": ("ok" if free else "degraded") if ok else "error",  # degraded: no slot for a new session
         "model": state.config.model.name,
         "sessions": len(state.sessions),
         "max_sessions": state.max_sessions,
+        "free_slots": free,
     }
     return web.json_response(body, status=200 if ok else 503)
 
@@ -184,8 +232,14 @@ def static_files(web_dir: Path) -> list[web.RouteDef]:
 def create_app(
     config: SystemConfig, options: ServerOptions | None = None, models: Models | None = None
 ) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[STATE] = ServerState(config=config, options=options or ServerOptions(), models=models)
+    options = options or ServerOptions()
+    access = Access(
+        server_names(options.host, interface_addresses(), options.allow_hosts),
+        frozenset(normal_origin(o) for o in options.allow_origins),
+    )
+    bound_messages(MAX_CONTROL_BYTES)  # control messages: advertised and enforced on receive
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[middleware(access)])
+    app[STATE] = ServerState(config=config, options=options, models=models)
     api = [web.post("/api/offer", offer), web.get("/api/health", health), web.get("/api/metrics", metrics)]
     app.add_routes([*api, *static_files(app[STATE].options.web_dir)])
     app.cleanup_ctx.append(engine_context)

@@ -20,6 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from streamer.app import ServerOptions, create_app
+    from streamer.guard import normal_origin
     from streamer.signaling import ice_addresses_for, use_consent_interval, use_ice_addresses
 
     try:
@@ -30,6 +31,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--port={args.port} is not allowed: 1..65535")
         if not 1 <= args.consent_interval <= 30:
             raise ValueError(f"--consent-interval={args.consent_interval} is not allowed: 1 to 30 seconds")
+        if not 0 < args.connect_timeout <= 60:  # also nan
+            raise ValueError(f"--connect-timeout={args.connect_timeout} is not allowed: more than 0, at most 60 s")
+        for origin in args.allow_origin or ():
+            normal_origin(origin)
+        options = ServerOptions(
+            ice_servers=args.ice_server or [],
+            d_in=args.d_in,
+            d_out=args.d_out,
+            connect_timeout=args.connect_timeout,
+            host=args.host,
+            allow_hosts=tuple(args.allow_host or ()),
+            allow_origins=tuple(args.allow_origin or ()),
+        )
     except (ConfigError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -37,7 +51,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     addresses = ice_addresses_for(args.host, args.ice_address)
     use_ice_addresses(addresses)
     use_consent_interval(args.consent_interval)
-    options = ServerOptions(ice_servers=args.ice_server or [], d_in=args.d_in, d_out=args.d_out)
     print(
         f"streamer: serving {config.model.name} {config.width}x{config.height} @ {config.fps} fps on "
         f"http://{args.host}:{args.port}/ (ICE addresses {addresses}, ICE servers {options.ice_servers})",
@@ -92,7 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--ice-address", action="append", help="local address ICE may offer (default: loopback for a loopback host)"
     )
     serve.add_argument(
-        "--consent-interval", type=int, default=2, help="seconds between ICE consent checks (6 missed: client gone)"
+        "--consent-interval",
+        type=int,
+        default=1,
+        help="seconds between ICE consent checks; 6 missed: the client is gone (default 1: noticed within 7.2 s)",
+    )
+    serve.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to connect (ICE and DTLS) after its answer, else its slot is freed (default 10)",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        help="a web origin (https://host[:port]) that may use the API, with CORS headers; repeatable "
+        "(default: the server's own origin only)",
+    )
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        help="another name clients may reach the server by (the Host header), e.g. behind a proxy; repeatable",
     )
     serve.add_argument("--d-in", type=int, default=64, help="bound of the command queue to the engine")
     serve.add_argument(

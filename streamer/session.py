@@ -25,11 +25,13 @@ from pipeline.types import UserParams
 from streamer.bridge import EngineBridge
 from streamer.chunker import Chunker
 from streamer.egress.webrtc import OutFrame, PacedVideoTrack
+from streamer.guard import loads
 from streamer.reorder import Reorder
 
 log = logging.getLogger(__name__)
 
-MAX_CONTROL_BYTES = 16 * 1024
+MAX_CONTROL_BYTES = 16 * 1024  # also the data channels' a=max-message-size (streamer.datachannel)
+CONTROL_WAITING = 256  # control messages waiting for their answer; past that one is answered "busy" at once
 SENT_LOG = 5_000  # frames kept in SessionMetrics.sent_log: ~5 minutes at 16 fps, ~1 MB
 
 
@@ -109,15 +111,19 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = asyncio.Event()
         self.opened = asyncio.Event()  # the engine session exists (the remote track may come first)
+        self.connected = asyncio.Event()  # ICE and DTLS are up (pc.connectionState reached "connected")
+        self.control: RTCDataChannel | None = None
+        self._control_waiting = 0  # control messages being answered
         self.cut_acked: float | None = None  # when the last cut was acknowledged (monotonic)
 
     async def open(self, params: dict[str, Any]) -> str:
         self.sid = await self.bridge.open_session(params, self.mode)
         self.opened.set()
-        self._spawn(self._pump(), "pump")
+        self.spawn(self._pump(), "pump")
         return self.sid
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run ``coro`` as a task this session owns: cancelled and awaited by :meth:`close`."""
         task = asyncio.create_task(coro, name=f"{self.sid}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -179,8 +185,8 @@ class Session:
     def attach_input(self, track: Any) -> None:
         height, width = self.frame_size
         self.chunker = Chunker(self.frame_rate, width, height)
-        self._spawn(self._read_input(track), "ingress")
-        self._spawn(self._submit_input(), "submit")
+        self.spawn(self._read_input(track), "ingress")
+        self.spawn(self._submit_input(), "submit")
 
     async def _read_input(self, track: Any) -> None:
         from aiortc.mediastreams import MediaStreamError
@@ -207,24 +213,47 @@ class Session:
     # ---- control channel ----------------------------------------------------------------------
 
     def attach_control(self, channel: RTCDataChannel) -> None:
+        """Answer every message of the control channel. At most ``CONTROL_WAITING`` wait for their
+        answer at once; a message past that is answered "busy" at once. One over ``MAX_CONTROL_BYTES``
+        is refused before it is reassembled (:mod:`streamer.datachannel`): answered, and the channel closed."""
+        self.control = channel
+
         @channel.on("message")
         def on_message(message: Any) -> None:
-            self._spawn(self._control(channel, message), "control")
+            if self._control_waiting >= CONTROL_WAITING:
+                busy = f"busy: {CONTROL_WAITING} control messages are waiting for their answer; this one was dropped"
+                self._reply(channel, {"type": "error", "message": busy})
+                return
+            self._control_waiting += 1
+            self.spawn(self._control(channel, message), "control")
 
-    async def _control(self, channel: RTCDataChannel, message: Any) -> None:
-        reply = await self.handle_control(message)
+        @channel.on("oversized")
+        def on_oversized(seen: int) -> None:
+            message = f"a control message must be at most {MAX_CONTROL_BYTES} bytes (got {seen}+); channel closed"
+            self._reply(channel, {"type": "error", "message": message})
+            channel.close()
+
+    @staticmethod
+    def _reply(channel: RTCDataChannel, reply: dict[str, Any]) -> None:
         if channel.readyState == "open":
             channel.send(json.dumps(reply))
+
+    async def _control(self, channel: RTCDataChannel, message: Any) -> None:
+        try:
+            reply = await self.handle_control(message)
+        except Exception as e:  # a bug or a stopped engine: still an answer; logged
+            log.exception("session %s: control message failed", self.sid)
+            reply = {"type": "error", "message": f"the server could not apply it: {type(e).__name__}"}
+        finally:
+            self._control_waiting -= 1
+        self._reply(channel, reply)
 
     async def handle_control(self, message: Any) -> dict[str, Any]:
         """One control message -> its answer: {"type": "ack", "epoch", ...} or {"type": "error", ...}."""
         try:
-            if isinstance(message, bytes) or len(message) > MAX_CONTROL_BYTES:
+            if isinstance(message, bytes) or len(message.encode()) > MAX_CONTROL_BYTES:
                 raise ValueError(f"a control message must be JSON text of at most {MAX_CONTROL_BYTES} bytes")
-            try:
-                msg = json.loads(message)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"control message is not JSON: {e.msg} at position {e.pos}") from None
+            msg = loads(message, "control message")
             if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
                 raise ValueError('a control message is a JSON object with a "type"')
             kind = msg["type"]
@@ -256,9 +285,10 @@ class Session:
         if self.closed.is_set():
             return
         self.closed.set()
-        for task in list(self._tasks):
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]  # close() may run in one of them
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.track.stop()

@@ -19,6 +19,8 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCSessionDescription
 from pipeline.types import UserParams
 
 MAX_SDP_BYTES = 64 * 1024
+MAX_MEDIA_SECTIONS = 4  # m-lines in an offer: video, the data channel, and room for audio
+MAX_CANDIDATES = 64  # a=candidate lines in an offer (a browser on a busy machine offers ~10)
 MODES = ("t2v", "v2v")
 
 
@@ -64,8 +66,9 @@ def use_ice_addresses(addresses: list[str]) -> None:
 
 def use_consent_interval(seconds: int) -> None:
     """How often ICE checks that the peer still consents (RFC 7675); after 6 failed checks in a row
-    the connection fails and the server closes the session. aioice's 5 s keeps a vanished client's
-    session (and its engine memory) for ~30 s; a server wants to notice sooner."""
+    the connection fails and the server closes the session, so a vanished client is noticed after
+    4.8 to 7.2 times ``seconds`` (the server's default, 1 s: within 15 s with room to spare).
+    aioice's 5 s keeps a vanished client's session (and its engine memory) for ~30 s."""
     if not isinstance(seconds, int) or not 1 <= seconds <= 30:
         raise ValueError(f"consent interval {seconds!r} s is not allowed: a whole number of seconds, 1 to 30")
     aioice.ice.CONSENT_INTERVAL = seconds
@@ -104,6 +107,13 @@ def parse_offer(body: Any) -> Offer:
         raise BadRequest(f"sdp of {len(sdp.encode())} bytes is not allowed: at most {MAX_SDP_BYTES}")
     if "m=video" not in sdp:
         raise BadRequest("sdp has no video m-line: offer to receive (t2v) or send and receive (v2v) video")
+    lines = sdp.splitlines()
+    sections = sum(1 for line in lines if line.startswith("m="))
+    if sections > MAX_MEDIA_SECTIONS:
+        raise BadRequest(f"sdp with {sections} media sections (m=) is not allowed: at most {MAX_MEDIA_SECTIONS}")
+    candidates = sum(1 for line in lines if line.startswith("a=candidate"))
+    if candidates > MAX_CANDIDATES:
+        raise BadRequest(f"sdp with {candidates} ICE candidates is not allowed: at most {MAX_CANDIDATES}")
     params = body.get("params", {})
     if not isinstance(params, dict):
         raise BadRequest(f"params={params!r} is not allowed: a JSON object of user params")
