@@ -17,7 +17,8 @@ The file is a list of entries. Each has a time ``at`` and one or both of ``promp
 
 An entry needs a ``prompt`` or ``cut: true``; other keys are errors, and times must be strictly increasing. The
 entry at time 0, if any, sets the initial state. Every violation raises :class:`ScheduleError`, whose message names
-the file, the line of the entry, the field and its value, and what is allowed.
+the file, the line of the entry, the field and its value, and what is allowed. A file over 1 MiB, or nested more
+than 32 levels deep (a schedule needs 3: the list, an entry, its values), is refused before it is read further.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import yaml
 
 KEYS = ("at", "prompt", "cut")
 MAX_PROMPT = 2000
+MAX_BYTES = 1 << 20  # a schedule of thousands of entries is a few hundred KiB
+MAX_DEPTH = 32  # nesting levels of YAML collections and values; a schedule needs 3
 TIME_FORMS = 'a number of seconds >= 0, or a string "M:SS", "H:MM:SS", "M:SS.s" or "H:MM:SS.s"'
 PROMPT_FORM = f"text of 1 to {MAX_PROMPT} characters"
 
@@ -85,13 +88,17 @@ def load_schedule(path: str | Path) -> Schedule:
     """Read and check the prompt schedule at ``path`` (see the module docstring); ScheduleError if it is invalid."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(MAX_BYTES + 1)  # never more, whatever the file is (/dev/zero, a pipe)
+        if len(data) > MAX_BYTES:
+            raise ScheduleError(f"{path}: the prompt schedule is over 1 MiB ({MAX_BYTES} bytes); allowed: at most that")
+        text = data.decode("utf-8")
     except OSError as e:
         raise ScheduleError(f"{path}: cannot read the prompt schedule: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
         raise ScheduleError(f"{path}: the prompt schedule is not UTF-8 text: {e}") from e
 
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text, path)
     try:
         root = loader.get_single_node()
         if root is None:
@@ -115,6 +122,30 @@ def load_schedule(path: str | Path) -> Schedule:
                 f"({_show_at(before_at, before.at)}); times must be strictly increasing"
             )
     return Schedule(tuple(event for event, _ in entries))
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing to compose nodes nested more than ``MAX_DEPTH`` deep.
+
+    The composer recurses once per level, so without a limit a file of ``[[[[...`` ends in a RecursionError."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        super().__init__(text)
+        self._path = path
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ScheduleError(
+                    f"{self._path}: line {line}: nested more than {MAX_DEPTH} levels deep; "
+                    "a schedule is a list of entries (- at: ...) of plain values"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _seconds(value: object) -> float:

@@ -58,10 +58,14 @@ def test_a_scheduled_cut_falls_at_its_time_and_shares_nothing_with_before(tmp_pa
         ("- at: 0\n  prompt: a\n  colour: red\n", "line 1: unknown key 'colour'"),
         ("- at: -1\n  prompt: a\n", "line 1: at=-1 is negative"),
         ("[1, 2", "invalid YAML"),
+        ("[" * 3000 + "]" * 3000, "line 1: nested more than 32 levels deep"),
+        ("- " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "line 1: nested more than 32 levels deep"),
     ],
 )
 def test_a_bad_schedule_is_refused_with_its_line_and_nothing_is_written(tmp_path, schedule, message):
     (tmp_path / "s.yaml").write_text(schedule)
     r = run_schedule(tmp_path / "s.yaml", tmp_path / "out.mp4")
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert f"streamer: error: {tmp_path / 's.yaml'}: " in r.stderr and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

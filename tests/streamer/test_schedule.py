@@ -259,6 +259,40 @@ def test_an_invalid_schedule_names_the_file_the_line_and_the_value(tmp_path: Pat
         load_schedule(path)
 
 
+def deep_mapping(depth: int) -> str:
+    """``depth`` mappings, one inside the other, in block style (one space of indentation a level)."""
+    return "".join(f"{' ' * i}k{i}:\n" for i in range(depth - 1)) + f"{' ' * (depth - 1)}k: v\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 3000 + "]" * 3000,
+        "- " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
+        deep_mapping(1000),  # 0.5 MB of indentation
+        "- at: 0\n  prompt: " + "[" * 33 + "]" * 33 + "\n",  # one level past the limit, below an entry
+    ],
+    ids=["list-3000", "flow-mapping-3000", "block-mapping-1000", "value-33"],
+)
+def test_nesting_deeper_than_the_limit_is_an_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ScheduleError, match=re.escape(f"{path}: line ") + r"\d+: nested more than 32 levels deep"):
+        load_schedule(path)
+
+
+def test_nesting_up_to_the_limit_is_read_and_checked_as_usual(tmp_path: Path) -> None:
+    # the list of entries, an entry and its value are 3 levels; 30 more in the value make 32
+    path = write(tmp_path, "- at: 0\n  prompt: " + "[" * 30 + "]" * 30 + "\n")
+    with pytest.raises(ScheduleError, match=re.escape(f"{path}: line 1: prompt=[[[") + r".* is not a string"):
+        load_schedule(path)
+
+
+def test_a_file_over_1_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    path = write(tmp_path, "- at: 0\n  prompt: x\n" + "#" * (1 << 20) + "\n")
+    with pytest.raises(ScheduleError, match=re.escape(f"{path}: the prompt schedule is over 1 MiB")):
+        load_schedule(path)
+
+
 # ---- properties ----
 
 distinct_times = st.lists(
