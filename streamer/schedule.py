@@ -91,7 +91,7 @@ def load_schedule(path: str | Path) -> Schedule:
         with path.open("rb") as f:
             data = f.read(MAX_BYTES + 1)  # never more, whatever the file is (/dev/zero, a pipe)
         if len(data) > MAX_BYTES:
-            raise ScheduleError(f"{path}: the prompt schedule is over 1 MiB ({MAX_BYTES} bytes); allowed: at most that")
+            raise ScheduleError(f"{path}: the prompt schedule is over 1 MiB; allowed: at most {MAX_BYTES} bytes")
         text = data.decode("utf-8")
     except OSError as e:
         raise ScheduleError(f"{path}: cannot read the prompt schedule: {e.strerror or e}") from e
