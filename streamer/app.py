@@ -66,7 +66,7 @@ class ServerState:
     models: Models | None
     bridge: EngineBridge | None = None
     sessions: dict[str, Session] = field(default_factory=dict)  # open ones, until their engine session is closed
-    reserved: int = 0  # slots taken by offers still being answered (taken before their first await)
+    reserved: set[object] = field(default_factory=set)  # slots of offers being answered, until listed in sessions
     closing: set[int] = field(default_factory=set)  # id() of sessions being closed
 
     @property
@@ -75,7 +75,7 @@ class ServerState:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.max_sessions - self.reserved - len(self.sessions))
+        return max(0, self.max_sessions - len(self.reserved) - len(self.sessions))
 
 
 STATE = web.AppKey("state", ServerState)
@@ -91,15 +91,16 @@ async def offer(request: web.Request) -> web.Response:
         return error(400, str(e))
     if state.free_slots == 0:  # checked and taken with no await in between: N offers at once open at most N
         return error(503, f"the server serves its limit of {state.max_sessions} sessions; try again later")
-    state.reserved += 1
+    slot = object()
+    state.reserved.add(slot)
     try:
-        return await answer(state, parsed)
+        return await answer(state, parsed, slot)
     finally:
-        state.reserved -= 1
+        state.reserved.discard(slot)
 
 
-async def answer(state: ServerState, parsed: Offer) -> web.Response:
-    """Open the session of an offer whose slot is reserved; the slot passes to ``state.sessions``."""
+async def answer(state: ServerState, parsed: Offer, slot: object) -> web.Response:
+    """Open the session of an offer whose ``slot`` is reserved; the slot passes to ``state.sessions``."""
     assert state.bridge is not None
     pc = RTCPeerConnection(rtc_configuration(state.options.ice_servers))
     cfg = state.config
@@ -148,6 +149,7 @@ async def answer(state: ServerState, parsed: Offer) -> web.Response:
         await pc.close()
         return error(400, str(e))
     state.sessions[sid] = session
+    state.reserved.discard(slot)
     try:
         pc.addTrack(session.track)
         await pc.setLocalDescription(await pc.createAnswer())
