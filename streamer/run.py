@@ -37,6 +37,12 @@ FILE_QUEUE_SECONDS = 10.0  # a file's queue: every frame is kept unless encoding
 STREAM_QUEUE_SECONDS = 1.0  # a live stream's queue: it stays within a second of now
 LEAD_SECONDS = 0.5  # with a live stream, generation runs at most this far ahead of the wall clock
 
+MAX_SECONDS = 365 * 24 * 3600  # the longest run --seconds (or --frames) may ask for
+MAX_RETRY_SECONDS = 3600
+MAX_KEYFRAME_SECONDS = 60
+MAX_FPS = 240
+MAX_SIZE = 4096  # pixels of --height and --width
+
 
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to stop between ticks; a second SIGINT interrupts at once."""
@@ -71,6 +77,46 @@ def open_input(path: str, config: SystemConfig) -> VideoFileSource | LiveSource:
     in real time by its own thread, keeping at most one second of frames."""
     source = VideoFileSource(path, config.width, config.height, config.fps)
     return LiveSource(source, max_frames=config.fps) if is_live(path) else source
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every number flag in its range, nan and inf never; ValueError naming the flag and the value."""
+
+    def check(flag: str, value: float | None, ok: bool, allowed: str) -> None:
+        if value is not None and not ok:
+            raise ValueError(f"{flag}={value} is not allowed: {allowed}")
+
+    def between(value: float | None, low: float, high: float, low_open: bool = False) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (low < value if low_open else low <= value) and value <= high
+
+    check(
+        "--seconds",
+        args.seconds,
+        between(args.seconds, 0, MAX_SECONDS, low_open=True),
+        f"a finite number more than 0, at most {MAX_SECONDS} (365 days)",
+    )
+    check("--frames", args.frames, between(args.frames, 1, math.inf), "an integer from 1")
+    check(
+        "--retry-seconds",
+        args.retry_seconds,
+        between(args.retry_seconds, 0, MAX_RETRY_SECONDS),
+        f"a finite number from 0 to {MAX_RETRY_SECONDS}",
+    )
+    check(
+        "--keyframe-seconds",
+        args.keyframe_seconds,
+        between(args.keyframe_seconds, 0, MAX_KEYFRAME_SECONDS, low_open=True),
+        f"a finite number more than 0, at most {MAX_KEYFRAME_SECONDS}",
+    )
+    check("--strength", args.strength, between(args.strength, 0, 1, low_open=True), "a number in (0, 1]")
+    check("--fps", args.fps, between(args.fps, 1, MAX_FPS), f"an integer from 1 to {MAX_FPS}")
+    check("--seed", args.seed, between(args.seed, 0, 2**63 - 1), "an integer in [0, 2**63)")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        check(flag, value, between(value, 1, MAX_SIZE), f"an integer from 1 to {MAX_SIZE}")
 
 
 def check_targets(outs: list[str], also_record: list[str]) -> list[Target]:
@@ -222,11 +268,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if not args.out:
             raise OutputError("give at least one --out (a .mp4/.webm file or an rtmp:// URL)")
+        check_numbers(args)
         targets = check_targets(args.out, args.also_record or [])
-        if args.retry_seconds < 0:
-            raise ValueError(f"--retry-seconds={args.retry_seconds} is not allowed: 0 or more")
-        if args.keyframe_seconds <= 0:
-            raise ValueError(f"--keyframe-seconds={args.keyframe_seconds} is not allowed: more than 0")
         config = load_system_config(
             args.config,
             model_source=args.model,
@@ -241,10 +284,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         schedule = load_schedule(args.prompts) if args.prompts else None
         prompt = (schedule.initial_prompt() if schedule else None) or args.prompt
         params = UserParams(prompt=prompt, seed=args.seed, strength=args.strength)
-        if args.frames is not None and args.frames < 1:
-            raise ValueError(f"--frames={args.frames} is not allowed: at least 1")
-        if args.seconds <= 0:
-            raise ValueError(f"--seconds={args.seconds} is not allowed: more than 0")
+        most = MAX_SECONDS * config.fps
+        if args.frames is not None and args.frames > most:
+            raise ValueError(
+                f"--frames={args.frames} is not allowed: an integer from 1 to {most} (365 days at {config.fps} fps)"
+            )
         total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
         source = open_input(args.input, config) if args.input else None
         engine = Engine(config)

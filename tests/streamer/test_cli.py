@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from streamer.cli import main
 from tests.conftest import ROOT, free_port, run_streamer
 
 SMALL = ["--height", "32", "--width", "32"]
@@ -98,13 +99,86 @@ def test_v2v_from_a_file(tmp_path):
         (["--timesteps", "700,x"], "--timesteps='700,x' is not allowed"),
         (["--timesteps", "500,700"], "timesteps=[500.0, 700.0] is not allowed: strictly decreasing"),
         (["--context", "future"], "context='future' is not allowed"),
+        (["--seconds", "inf"], "streamer: error: --seconds=inf is not allowed: a finite number more than 0"),
+        (["--retry-seconds", "nan"], "streamer: error: --retry-seconds=nan is not allowed: a finite number"),
     ],
 )
 def test_bad_arguments_are_named_and_nothing_is_written(tmp_path, args, message):
     out = tmp_path / "out.mp4"
     r = run_streamer("run", "--out", str(out), *SMALL, *args)
     assert r.returncode == 2
-    assert message in r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--seconds", "inf"],
+            "--seconds=inf is not allowed: a finite number more than 0, at most 31536000 (365 days)",
+        ),
+        (["--seconds", "nan"], "--seconds=nan is not allowed: a finite number more than 0"),
+        (["--seconds=-inf"], "--seconds=-inf is not allowed"),
+        (["--seconds", "1e999"], "--seconds=inf is not allowed"),
+        (["--seconds", "1e308"], "--seconds=1e+308 is not allowed"),
+        (["--seconds", "0"], "--seconds=0.0 is not allowed"),
+        (["--retry-seconds", "nan"], "--retry-seconds=nan is not allowed: a finite number from 0 to 3600"),
+        (["--retry-seconds", "inf"], "--retry-seconds=inf is not allowed"),
+        (["--retry-seconds", "-1"], "--retry-seconds=-1.0 is not allowed"),
+        (
+            ["--keyframe-seconds", "nan"],
+            "--keyframe-seconds=nan is not allowed: a finite number more than 0, at most 60",
+        ),
+        (["--keyframe-seconds", "inf"], "--keyframe-seconds=inf is not allowed"),
+        (["--keyframe-seconds", "0"], "--keyframe-seconds=0.0 is not allowed"),
+        (["--strength", "nan"], "--strength=nan is not allowed: a number in (0, 1]"),
+        (["--strength", "inf"], "--strength=inf is not allowed"),
+        (["--strength", "0"], "--strength=0.0 is not allowed"),
+        (["--frames", "-1"], "--frames=-1 is not allowed: an integer from 1"),
+        (["--fps", "0"], "--fps=0 is not allowed: an integer from 1 to 240"),
+        (["--fps", "100000"], "--fps=100000 is not allowed: an integer from 1 to 240"),
+        (["--seed", "-1"], "--seed=-1 is not allowed: an integer in [0, 2**63)"),
+        (["--seed", str(2**63)], f"--seed={2**63} is not allowed"),
+        (["--seed", "1" * 400], "--seed=111"),
+        (["--height", "-16"], "--height=-16 is not allowed: an integer from 1 to 4096"),
+        (["--height", "100000"], "--height=100000 is not allowed"),
+        (["--width", "0"], "--width=0 is not allowed: an integer from 1 to 4096"),
+    ],
+)
+def test_number_flags_out_of_range_are_refused_naming_the_flag(tmp_path, monkeypatch, capsys, args, message):
+    # in process, for speed: every check comes before the engine is built
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--out", "out.mp4", "--quiet", *SMALL, "--frames", "1", *args]) == 2
+    assert f"streamer: error: {message}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_frames_past_a_year_of_video_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--out", "out.mp4", "--quiet", *SMALL, "--frames", str(10**12)]) == 2
+    said = capsys.readouterr().err
+    assert (
+        f"streamer: error: --frames={10**12} is not allowed: an integer from 1 to 504576000 (365 days at 16 fps)"
+        in said
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frames", "1.5"], "argument --frames: invalid int value: '1.5'"),
+        (["--seed", "1e3"], "argument --seed: invalid int value: '1e3'"),
+        (["--fps", "x"], "argument --fps: invalid int value: 'x'"),
+        (["--height", ""], "argument --height: invalid int value: ''"),
+        (["--seconds", "soon"], "argument --seconds: invalid float value: 'soon'"),
+    ],
+)
+def test_numbers_that_do_not_parse_are_named_by_argparse(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--out", "out.mp4", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
