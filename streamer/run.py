@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import signal
 import sys
 import time
@@ -119,18 +120,49 @@ def check_numbers(args: argparse.Namespace) -> None:
         check(flag, value, between(value, 1, MAX_SIZE), f"an integer from 1 to {MAX_SIZE}")
 
 
-def check_targets(outs: list[str], also_record: list[str]) -> list[Target]:
-    targets = []
-    for where in [*outs, *also_record]:
-        if is_stream_url(where):
-            targets.append(Target(check_rtmp_url(where), stream=True))
-        else:
-            targets.append(Target(str(check_output_path(where)), stream=False))
-    seen = [t.where for t in targets]
-    dupes = sorted({w for w in seen if seen.count(w) > 1})
-    if dupes:
-        raise OutputError(f"output(s) {dupes} given more than once")
-    return targets
+def check_targets(outs: list[str], also_record: list[str], input_: str | None = None) -> list[Target]:
+    """The outputs, each checked; refused (OutputError) where two are one file, or one is the input file.
+
+    Files are compared as files, not as spellings (``a.mp4``, ``./a.mp4``, a symlink or a hard link to
+    it are one file); stream URLs as written. Nothing is written before this passes."""
+    wheres = [*outs, *also_record]
+    input_key = file_identity(path) if input_ is not None and (path := input_file(input_)) is not None else None
+    seen: dict[tuple[object, ...], str] = {}
+    for where in wheres:
+        key = ("stream", where) if is_stream_url(where) else file_identity(where)
+        if key == input_key:
+            raise OutputError(
+                f"output {where!r} is the same file as the input {input_!r}; writing it would destroy the input"
+            )
+        if key in seen:
+            what = "stream" if key[0] == "stream" else "file"
+            raise OutputError(f"outputs {seen[key]!r} and {where!r} are the same {what}; each output needs its own")
+        seen[key] = where
+    return [
+        Target(check_rtmp_url(where), stream=True)
+        if is_stream_url(where)
+        else Target(str(check_output_path(where)), stream=False)
+        for where in wheres
+    ]
+
+
+def input_file(where: str) -> str | None:
+    """The file path an ``--input`` reads, or None for a stream URL or a pipe (no file to protect)."""
+    if where.startswith("file:"):  # FFmpeg's file protocol: the rest is the path
+        return where.removeprefix("file:")
+    if is_stream_url(where) or where.startswith("pipe:"):
+        return None
+    return where
+
+
+def file_identity(path: str) -> tuple[object, ...]:
+    """What ``path`` names as a file: its device and inode where it exists (a symlink or a hard link to a
+    file is that file); else the real path, folders and symlinks resolved (also a dangling symlink's target)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)
 
 
 def chunks_for(config: SystemConfig, frames: int) -> int:
@@ -269,7 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.out:
             raise OutputError("give at least one --out (a .mp4/.webm file or an rtmp:// URL)")
         check_numbers(args)
-        targets = check_targets(args.out, args.also_record or [])
+        targets = check_targets(args.out, args.also_record or [], args.input)
         config = load_system_config(
             args.config,
             model_source=args.model,

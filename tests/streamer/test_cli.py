@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamer.cli import main
-from tests.conftest import ROOT, free_port, run_streamer
+from tests.conftest import ROOT, count_frames, free_port, run_streamer
 
 SMALL = ["--height", "32", "--width", "32"]
 
@@ -180,6 +180,89 @@ def test_numbers_that_do_not_parse_are_named_by_argparse(tmp_path, monkeypatch, 
         main(["run", "--out", "out.mp4", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_input_file_as_output_is_refused_and_stays_as_it_was(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, 30)
+    before = clip.read_bytes()
+    r = run_streamer("run", "--input", str(clip), "--out", str(clip), *SMALL)
+    assert r.returncode == 2, r.stderr
+    assert f"output {str(clip)!r} is the same file as the input {str(clip)!r}" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert clip.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+def links(tmp_path):
+    """In ``tmp_path``: ``a.mp4`` (a file), ``sym.mp4`` (a symlink to it), ``hard.mp4`` (a hard link to it),
+    ``dangling.mp4`` (a symlink to the absent ``b.mp4``), ``sub/`` (a folder) and ``here`` (a symlink to ``.``)."""
+    write_clip(tmp_path / "a.mp4", 5)
+    (tmp_path / "sym.mp4").symlink_to("a.mp4")
+    os.link(tmp_path / "a.mp4", tmp_path / "hard.mp4")
+    (tmp_path / "dangling.mp4").symlink_to("b.mp4")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "here").symlink_to(".")
+
+
+@pytest.mark.parametrize(
+    ("input_", "out"),
+    [
+        ("a.mp4", "./a.mp4"),
+        ("a.mp4", "sub/../a.mp4"),
+        ("./sub/../a.mp4", "a.mp4"),
+        ("a.mp4", "sym.mp4"),
+        ("sym.mp4", "a.mp4"),
+        ("a.mp4", "hard.mp4"),
+        ("a.mp4", "here/a.mp4"),
+        ("a.mp4", "{tmp}/a.mp4"),
+    ],
+)
+def test_an_output_that_is_the_input_file_in_another_spelling_is_refused(tmp_path, monkeypatch, capsys, input_, out):
+    monkeypatch.chdir(tmp_path)
+    links(tmp_path)
+    out = out.format(tmp=tmp_path)
+    before = (tmp_path / "a.mp4").read_bytes()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["run", "--input", input_, "--out", out, "--quiet", *SMALL]) == 2
+    said = capsys.readouterr().err
+    assert f"streamer: error: output {out!r} is the same file as the input {input_!r}" in said
+    assert (tmp_path / "a.mp4").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("b.mp4", "b.mp4"),
+        ("b.mp4", "./b.mp4"),
+        ("b.mp4", "sub/../b.mp4"),
+        ("b.mp4", "here/b.mp4"),
+        ("b.mp4", "{tmp}/b.mp4"),
+        ("b.mp4", "dangling.mp4"),  # a symlink to b.mp4, which does not exist yet
+        ("a.mp4", "sym.mp4"),
+        ("a.mp4", "hard.mp4"),
+        ("sym.mp4", "hard.mp4"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--out", "--also-record"])
+def test_two_outputs_that_are_one_file_are_refused(tmp_path, monkeypatch, capsys, first, second, flag):
+    monkeypatch.chdir(tmp_path)
+    links(tmp_path)
+    second = second.format(tmp=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["run", "--out", first, flag, second, "--quiet", *SMALL, "--frames", "1"]) == 2
+    said = capsys.readouterr().err
+    assert f"streamer: error: outputs {first!r} and {second!r} are the same file" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_outputs_that_are_different_files_are_all_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    links(tmp_path)
+    assert main(["run", "--out", "b.mp4", "--out", "sub/b.mp4", "--also-record", "here/c.mp4", "--quiet", *SMALL,
+                 "--frames", "5"]) == 0  # fmt: skip
+    assert [count_frames(tmp_path / name) for name in ("b.mp4", "sub/b.mp4", "c.mp4")] == [5, 5, 5]
 
 
 def test_input_that_cannot_be_decoded(tmp_path):
