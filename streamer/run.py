@@ -1,7 +1,9 @@
 """``streamer run``: generate into files and live streams (t2v, or v2v with ``--input``).
 
 Exit status: 0 done; 2 bad input (the message names the field, path or URL and the value); 3 an
-output failed (a stream that could not connect, or was lost for longer than ``--retry-seconds``);
+output failed (a stream that could not connect, or was lost for longer than ``--retry-seconds``; a
+file that could not be written, its partial file removed at once): the others go on, and generation
+stops when none is left;
 130 interrupted by SIGINT/SIGTERM, after finishing a playable file of every frame generated so far.
 """
 
@@ -196,7 +198,7 @@ def generate(
     realtime: bool = False,
     schedule: Schedule | None = None,
 ) -> int:
-    """Run the engine until ``total`` frames are made, the input ends, or ``stop`` is set.
+    """Run the engine until ``total`` frames are made, the input ends, ``stop`` is set, or every output has failed.
 
     ``realtime`` (a live stream among the outputs): generation keeps at most ``LEAD_SECONDS`` ahead of
     the wall clock, so a stream's queue holds what it should send next, not what it must drop.
@@ -210,7 +212,7 @@ def generate(
     events = [e for e in (schedule.events if schedule else ()) if e.at > 0]
     fed, made, ended = 0, 0, source is None
     start = time.perf_counter()
-    while made < total and not stop:
+    while made < total and not stop and any(out.error is None for out in outputs):
         if realtime and (ahead := made / config.fps - (time.perf_counter() - start)) > LEAD_SECONDS:
             time.sleep(ahead - LEAD_SECONDS)
             continue
@@ -266,7 +268,8 @@ def open_sinks(targets: list[Target], config: SystemConfig, args: argparse.Names
     threads: list[OutputThread] = []
 
     def failed(name: str, error: str) -> None:
-        print(f"streamer: output {name} failed: {error}; going on without it", file=sys.stderr)
+        left = "no output is left: stopping" if all(th.error for th in threads) else "going on without it"
+        print(f"streamer: output {name} failed: {error}; {left}", file=sys.stderr)
 
     try:
         for t in targets:
@@ -364,6 +367,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"streamer:   {describe(r)}", file=sys.stderr)
     if isinstance(source, LiveSource):
         print(f"streamer:   input: {source.dropped} frames dropped (newest frames win)", file=sys.stderr)
+    if all(r.error for r in reports):
+        print(f"streamer: error: every output failed; generation stopped after {summary}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
     if stop:
         print(f"streamer: interrupted by signal {stop.signal}; generated {summary}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -2,11 +2,13 @@
 
 Frames go to a hidden partial file beside the target; ``close()`` finishes the container and moves
 it into place, so the target is either absent or a complete, playable file (also after Ctrl-C,
-where the caller closes instead of aborting). ``abort()`` removes the partial file.
+where the caller closes instead of aborting). ``abort()`` removes the partial file; so does a
+writer that cannot be set up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from fractions import Fraction
@@ -63,7 +65,11 @@ class FileWriter:
         self.partial = Path(partial)
         self.frames = 0
         self.width, self.height = width, height
-        self._container = av.open(str(self.partial), mode="w", format=fmt)
+        try:
+            self._container = av.open(str(self.partial), mode="w", format=fmt)
+        except (av.FFmpegError, OSError) as e:
+            self.partial.unlink(missing_ok=True)
+            raise OutputError(f"output {self.name!r} cannot be written: {e}") from None
         stream = self._container.add_stream(codec, rate=fps)
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = width, height
@@ -92,7 +98,7 @@ class FileWriter:
         return self.path
 
     def abort(self) -> None:
-        try:
+        """Remove the partial file; the container may be broken (a full disk), so closing it may fail."""
+        with contextlib.suppress(av.FFmpegError, OSError):
             self._container.close()
-        finally:
-            self.partial.unlink(missing_ok=True)
+        self.partial.unlink(missing_ok=True)

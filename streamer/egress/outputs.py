@@ -4,6 +4,9 @@ Generation never waits on encoding or on the network: :meth:`OutputThread.put` n
 a queue is full its policy, ``drop-oldest``, drops the oldest frames waiting (a live stream stays
 current) and counts them; the count is reported at the end. Files get a queue long enough that
 they keep every frame on any machine that generates in real time; a live stream gets a short one.
+
+A sink that fails is aborted at once, by its own thread (a file's partial file is removed then, not at
+the end of the run), before its ``error`` is set: whoever sees the error sees it cleaned up.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Sink(Protocol):
         ...
 
     def abort(self) -> None:
-        """Give up: remove what is half-written."""
+        """Give up: remove what is half-written. Never raises; a second call does nothing."""
         ...
 
 
@@ -105,23 +108,26 @@ class OutputThread:
             self.sink.write(np.stack(batch))
             self.frames += len(batch)
         except Exception as e:  # the sink gave up (after its own retries): the run goes on without it
-            self.error = f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
+            self.sink.abort()  # nothing half-written stays behind, from now on
+            self.error = error
             self._drop(len(batch))
             if self._on_error is not None:
-                self._on_error(self.sink.name, self.error)
+                self._on_error(self.sink.name, error)
 
     def _drop(self, n: int) -> None:
         with self._count_lock:
             self.dropped += n
 
     def finish(self) -> OutputReport:
-        """Write what is queued, then close the sink (or abort it if it failed)."""
+        """Write what is queued, then close the sink; one that fails to close is aborted."""
         self._queue.put(_END)  # blocks only until the thread makes room
         self._thread.join()
         if self.error is None:
             try:
                 self.sink.close()
             except Exception as e:
+                self.sink.abort()
                 self.error = f"{type(e).__name__}: {e}"
         return self.report()
 

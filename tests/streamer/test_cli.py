@@ -1,6 +1,8 @@
 """`streamer run` end to end, in real subprocesses: files, v2v, seeds, bad input, Ctrl-C."""
 
+import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from streamer.cli import main
+from streamer.egress.file import FileWriter
 from tests.conftest import ROOT, count_frames, free_port, run_streamer
 
 SMALL = ["--height", "32", "--width", "32"]
@@ -310,6 +313,82 @@ def test_interrupted_run_leaves_a_playable_file_of_what_was_generated(tmp_path, 
     frames, _, _ = read_video(out)
     assert written > 0 and len(frames) == written
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+def test_when_every_output_fails_the_run_stops_with_exit_3_and_leaves_no_partial_file(tmp_path):
+    # Python ignores SIGXFSZ: past the file-size limit a write gets EFBIG, as on a full disk
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    args = ["run", "--seconds", "300", "--out", str(a), "--also-record", str(b), "--quiet", *SMALL]
+    r = run_streamer(*args, preexec_fn=limit)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"streamer: output {a} failed: OSError: [Errno 27] File too large" in r.stderr
+    last = [line for line in r.stderr.splitlines() if line.startswith("streamer: error:")]
+    assert len(last) == 1 and last[0].startswith("streamer: error: every output failed; generation stopped after "), (
+        r.stderr
+    )
+    made = int(last[0].split("stopped after ")[1].split(" frames")[0])
+    assert 0 < made < 300 * 16 // 2  # stopped, not carried on to the end
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+
+
+class FullDisk(FileWriter):
+    """A FileWriter whose disk is full after ``FAIL_AT`` frames: writing then fails with EFBIG."""
+
+    FAIL_AT = 8
+
+    def write(self, frames):
+        if self.frames + len(frames) > self.FAIL_AT:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(self.partial))
+        super().write(frames)
+
+
+class Watching(FileWriter):
+    """A FileWriter that notes, once it has written ``LOOK_AT`` frames, the partial files in its folder."""
+
+    LOOK_AT = 200
+    seen: list[str] | None = None
+
+    def write(self, frames):
+        super().write(frames)
+        if Watching.seen is None and self.frames >= self.LOOK_AT:
+            Watching.seen = sorted(p.name for p in self.path.parent.iterdir() if p.name.endswith(".partial"))
+
+
+def writers(path, *args, **kw):
+    """``bad*`` files fail after 8 frames; the others watch."""
+    return (FullDisk if os.path.basename(path).startswith("bad") else Watching)(path, *args, **kw)
+
+
+def test_a_failed_output_is_removed_at_once_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("streamer.run.FileWriter", writers)
+    monkeypatch.setattr(Watching, "seen", None)
+    assert main(["run", "--frames", "300", "--out", "bad.mp4", "--also-record", "good.mp4", "--quiet", *SMALL]) == 3
+    said = capsys.readouterr().err
+    assert "streamer: output bad.mp4 failed: OSError: [Errno 27] File too large" in said
+    assert [
+        line for line in said.splitlines() if line.startswith("streamer:   bad.mp4: ") and "FAILED: OSError" in line
+    ]
+    assert Watching.seen is not None and [n for n in Watching.seen if "bad" in n] == []  # gone while the run went on
+    assert count_frames(tmp_path / "good.mp4") == 300  # every frame
+    assert [p.name for p in tmp_path.iterdir()] == ["good.mp4"]
+
+
+def test_when_every_output_failed_generation_stops(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("streamer.run.FileWriter", writers)
+    assert main(["run", "--frames", "4000", "--out", "bad1.mp4", "--out", "bad2.webm", "--quiet", *SMALL]) == 3
+    said = capsys.readouterr().err
+    last = [line for line in said.splitlines() if line.startswith("streamer: error:")]
+    assert len(last) == 1 and last[0].startswith("streamer: error: every output failed; generation stopped after "), (
+        said
+    )
+    assert int(last[0].split("stopped after ")[1].split(" frames")[0]) < 400
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_serve_answers_health_and_stops_cleanly_on_sigint():
