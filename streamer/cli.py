@@ -7,10 +7,32 @@ output failed; 130 interrupted by SIGINT/SIGTERM (files are finished and playabl
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from pipeline.config import CONFIG_DIR, ConfigError, load_system_config
 from streamer.run import EXIT_BAD_INPUT, cmd_run
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as asyncio's create_server binds them:
+    ``""`` is every interface, SO_REUSEADDR, IPv6 sockets IPv6 only); OSError from the first that fails."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -47,6 +69,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:  # bound here, before the banner: a busy port is one line, not a banner and a traceback
+        socks = listen(args.host, args.port)
+    except OSError as e:
+        why = e.strerror or str(e)
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"streamer: error: cannot listen on {where}:{args.port}: {why[:1].lower()}{why[1:]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     addresses = ice_addresses_for(args.host, args.ice_address)
     use_ice_addresses(addresses)
@@ -56,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}/ (ICE addresses {addresses}, ICE servers {options.ice_servers})",
         file=sys.stderr,
     )
-    web.run_app(create_app(config, options), host=args.host, port=args.port, loop=uvloop.new_event_loop(), print=None)
+    web.run_app(create_app(config, options), sock=socks, loop=uvloop.new_event_loop(), print=None)
     return 0
 
 

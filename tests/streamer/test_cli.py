@@ -4,6 +4,7 @@ import errno
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -412,12 +413,29 @@ def test_serve_answers_health_and_stops_cleanly_on_sigint():
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.3)
-        assert health == {"status": "ok", "model": "tiny", "sessions": 0, "max_sessions": 3}
+        assert health == {"status": "ok", "model": "tiny", "sessions": 0, "max_sessions": 3, "free_slots": 3}
     finally:
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
     assert proc.returncode == 0, err
     assert "ICE addresses ['127.0.0.1'], ICE servers []" in err  # loopback only, no STUN server
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error_before_any_banner():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = run_streamer("serve", "--port", str(port), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"streamer: error: cannot listen on 127.0.0.1:{port}: address already in use"]
+
+
+def test_serve_on_an_address_it_cannot_bind_names_it():
+    r = run_streamer("serve", "--host", "192.0.2.1", "--port", str(free_port()), timeout=60)  # TEST-NET-1, not ours
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("streamer: error: cannot listen on 192.0.2.1:"), r.stderr
+    assert "serving" not in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(
