@@ -38,8 +38,8 @@ class Row:
     case: Case
     outcome: Outcome
     late: int  # replies to earlier messages that came after their timeout, dropped before this one
-    health: str | None = None  # /api/health's status after a message that got no answer
-    session_lost: bool = False  # ... and whether the server had dropped the client's session
+    health: str | None = None  # /api/health's status after the message
+    session_lost: bool = False  # no answer, and the server had dropped the client's session
 
 
 class Fuzzer:
@@ -79,7 +79,8 @@ class Fuzzer:
         row = Row(case, outcome, late)
         if outcome.answer is None and not outcome.closed:
             await asyncio.sleep(0.5)  # a reply just after the timeout is not taken for the next message's
-            row.health = (await self.served.health()).get("status")
+        row.health = (await self.served.health()).get("status")
+        if outcome.answer is None and not outcome.closed:
             row.session_lost = self.client.session_id not in await self.served.session_ids()
             if row.session_lost:  # the server dropped the session without a word: the channel looks open here
                 await self.close()
@@ -135,6 +136,8 @@ def figures(cases: list[Case], rows: list[Row], connects: int) -> dict[str, Any]
         if not passed(r.case, r.outcome)
     ]
     over = [r.outcome for r in rows if r.case.over_limit]
+    bad = next((i for i, r in enumerate(rows) if r.health != "ok"), None)
+    unhealthy = None if bad is None else {"index": bad, "after": [r.case.name for r in rows[max(0, bad - 2) : bad + 1]]}
     answer_ms = [r.outcome.seconds * 1000 for r in rows if r.outcome.answer is not None]
     return {
         "limit_bytes": CONTROL_LIMIT,
@@ -146,6 +149,7 @@ def figures(cases: list[Case], rows: list[Row], connects: int) -> dict[str, Any]
         "bad_replies": sum(1 for r in rows if r.outcome.answer == "other"),
         "closed_under_limit": sum(1 for r in rows if r.outcome.closed and not r.case.over_limit),
         "sessions_lost": sum(1 for r in rows if r.session_lost),
+        "first_unhealthy": unhealthy,  # the first message after which /api/health was not ok, and the two before
         "over_limit": {"sent": len(over), "closed": sum(1 for o in over if o.closed)},
         "connects": connects,
         "late_replies": sum(r.late for r in rows),
