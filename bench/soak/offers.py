@@ -48,6 +48,15 @@ async def offer_sdp() -> tuple[Any, str]:
     return pc, pc.localDescription.sdp
 
 
+async def connect_answered(pc: Any, body: dict[str, Any]) -> bool:
+    """Whether ``pc`` connects with the server's answer ``body`` within ``CONNECT_BOUND`` s."""
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+    deadline = time.monotonic() + CONNECT_BOUND
+    while pc.connectionState != "connected" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return bool(pc.connectionState == "connected")
+
+
 async def concurrent(served: Served) -> dict[str, Any]:
     free = (await served.health())["free_slots"]
     made = [await offer_sdp() for _ in range(3 * served.spec.max_sessions)]
@@ -55,16 +64,8 @@ async def concurrent(served: Served) -> dict[str, Any]:
         async with watching_health(served) as watch:
             answers = await asyncio.gather(*(post_offer(served.http, served.base, sdp) for _, sdp in made))
             when_full = (await served.health())["status"]  # every slot answered, none connected yet
-
-            async def connect(pc: Any, body: dict[str, Any]) -> bool:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
-                deadline = time.monotonic() + CONNECT_BOUND
-                while pc.connectionState != "connected" and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
-                return bool(pc.connectionState == "connected")
-
             ok = [(pc, body) for (pc, _), (status, body) in zip(made, answers, strict=True) if status == 200]
-            connected = await asyncio.gather(*(connect(pc, body) for pc, body in ok))
+            connected = await asyncio.gather(*(connect_answered(pc, body) for pc, body in ok))
     finally:
         for pc, _ in made:
             await pc.close()

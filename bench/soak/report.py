@@ -152,7 +152,7 @@ def plot(report: dict[str, Any], out: str) -> None:
         ok = [fuzz["by_category"][c]["passed"] for c in cats]
         ax_fuzz.barh(cats, corpus, color="tab:red", label="in the corpus")
         ax_fuzz.barh(cats, ok, color="tab:green", label="answered (or closed over the limit)")
-        ax_fuzz.legend(fontsize=8)
+        ax_fuzz.legend(loc="lower right", fontsize=8)
     ax_fuzz.set_title(f"fuzz: {fuzz.get('passed')}/{fuzz.get('corpus')} control messages passed", fontsize=10)
     fig.suptitle(
         f"bench.soak: {report['server']['config']} {report['server']['size']} on {report['machine']['cpu_model']}"
