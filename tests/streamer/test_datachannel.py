@@ -43,7 +43,7 @@ def test_a_message_at_the_limit_passes_one_over_is_refused_before_reassembly():
         sender, receiver, channels = await pair()
         try:
             sender.sctp._remote_max_message_size = None  # a hostile sender ignores what was advertised
-            out, got, messages, refused = await opened(sender, channels, "control")
+            out, _, messages, refused = await opened(sender, channels, "control")
             out.send("a" * LIMIT)
             assert await asyncio.wait_for(messages.get(), 10) == "a" * LIMIT
 
