@@ -7,7 +7,8 @@ once the server has freed its slot. All three end at the same moment, and the cy
 session has left ``/api/metrics`` (the three waits overlap, so a cycle takes as long as the slowest).
 
 Per cycle: the time from each client's end (its ``close()``, its SIGKILL, its SIGSTOP) until its slot
-was free, then the server's RSS, threads and open files. Peer processes take seconds to import, so
+was free, then the server's RSS, threads and open files. One cycle before the measured ones warms up
+(its figures are the start). Peer processes take seconds to import, so
 the next cycle's are started while this one runs.
 """
 
@@ -68,15 +69,11 @@ async def churn(spec: ServerSpec, cycles: int) -> dict[str, Any]:
 
         spare = await two()  # they import while the server starts
         async with serving(spec) as served:
-            for client in await asyncio.gather(*(connected(served) for _ in KINDS)):  # warm-up: one-time allocations
-                await client.pc.close()
-            await served.wait_idle(FREE_BOUND)
-            start = served.sample()
             rows: list[dict[str, Any]] = []
-            for i in range(cycles):
+            for i in range(-1, cycles):  # cycle -1 warms up: the server's one-time allocations are not growth
                 now, spare = spare, (await two() if i + 1 < cycles else spare)  # the next cycle's import meanwhile
                 rows.append({"cycle": i, **await cycle(served, *now)})
-            return figures(dataclasses.asdict(start), rows) | {"log_errors": served.log_errors()}
+            return figures(rows[0], rows[1:]) | {"log_errors": served.log_errors()}
 
 
 def slope_per_100(ys: list[float]) -> float | None:
@@ -90,9 +87,12 @@ def median(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
 
-def figures(start: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The summary. RSS moves by tens of MiB from one cycle to the next (the allocator keeps freed
-    memory for a while), so growth is the median of the last third of the cycles less the start."""
+def figures(warm_up: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary; ``warm_up`` is the row of the cycle before the measured ones (the start). RSS moves
+    by tens of MiB from one cycle to the next (the allocator keeps freed memory for a while), so growth
+    is the median of the last third of the cycles less the start, and the slope is given over the second
+    half of the cycles too (a plateau reached early shows there as ~0)."""
+    start = warm_up
     by_kind = {}
     for kind in KINDS:
         times = [r["free_s"][kind] for r in rows if r["free_s"][kind] is not None]
@@ -112,6 +112,8 @@ def figures(start: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
         "rss_mib": {"start": start["rss_mib"], "last": last["rss_mib"], "max": max(rss), "tail_median": median(tail)},
         "rss_growth_mib": round(statistics.median(tail) - start["rss_mib"], 2),
         "rss_slope_mib_per_100_cycles": slope_per_100(rss),
+        "rss_slope_second_half_mib_per_100_cycles": slope_per_100(rss[len(rss) // 2 :]),
+        "warm_up": warm_up,
         "threads": {"start": start["threads"], "last": last["threads"], "max": max(r["threads"] for r in rows)},
         "fds": {"start": start["fds"], "last": last["fds"], "max": max(r["fds"] for r in rows)},
         "rows": rows,
