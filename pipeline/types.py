@@ -25,6 +25,13 @@ class UserParams:
             raise ValueError(f"prompt={self.prompt!r} is not allowed: a string")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt of {len(self.prompt)} characters is not allowed: at most {MAX_PROMPT_CHARS}")
+        try:
+            self.prompt.encode("utf-8")  # the text encoder's tokenizer needs it; a lone surrogate cannot
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"prompt is not allowed: {self.prompt[e.start : e.end]!r} at position {e.start} is not a character "
+                "(a lone surrogate); text must be valid Unicode"
+            ) from None
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r} is not allowed: an integer in [0, 2**63)")
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):

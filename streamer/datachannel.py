@@ -10,7 +10,10 @@ message cost ~8,000 fragments and seconds of event loop (every other session's v
   stream are dropped (and acknowledged, so the sender moves on), every later fragment on that stream
   too, and the channel emits ``"oversized"`` with the bytes seen; its owner answers and closes it;
 * a DATA chunk more than ``MAX_TSN_AHEAD`` sequence numbers ahead of what was received is dropped
-  unacknowledged (a real sender is never that far ahead; a hostile one would grow the gap set).
+  unacknowledged (a real sender is never that far ahead; a hostile one would grow the gap set);
+* a text message that is not UTF-8 reaches its channel as bytes (its owner answers "not text")
+  instead of raising in aiortc, which ended the whole connection; a malformed channel-open or ack
+  message is ignored (logged), for the same reason.
 
 The cost of a fragment is then bounded by the limit, never by the size of the message. Other streams
 and other sessions are untouched.
@@ -19,6 +22,7 @@ and other sessions are untouched.
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Any
 
 from aiortc import rtcsctptransport
@@ -30,6 +34,7 @@ MAX_PENDING_CHUNKS = 256  # fragments waiting for reassembly on one stream (a 16
 MAX_TSN_AHEAD = 4096  # how far ahead of the cumulative TSN a chunk may be (aiortc's window: ~900)
 
 _original_receive = RTCSctpTransport._receive_data_chunk
+_original_channel_receive = RTCSctpTransport._data_channel_receive
 _limit: dict[str, int] = {}
 
 
@@ -40,6 +45,7 @@ def bound_messages(max_bytes: int) -> None:
     _limit["bytes"] = max_bytes
     rtcsctptransport.LOCAL_MAX_MESSAGE_SIZE = max_bytes  # what the SDP answer advertises
     RTCSctpTransport._receive_data_chunk = _bounded_receive  # type: ignore[method-assign]
+    RTCSctpTransport._data_channel_receive = _checked_channel_receive  # type: ignore[method-assign]
 
 
 def _tsn_ahead(tsn: int, last: int) -> int:
@@ -92,3 +98,20 @@ def _refuse(self: RTCSctpTransport, chunk: Any, seen: int, refused: set[int]) ->
     )
     if channel is not None:
         channel.emit("oversized", seen)
+
+
+async def _checked_channel_receive(self: RTCSctpTransport, stream_id: int, pp_id: int, data: bytes) -> None:
+    if pp_id == rtcsctptransport.WEBRTC_STRING:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            channel = self._data_channels.get(stream_id)
+            if channel is not None:
+                channel.emit("message", bytes(data))  # not text: answered as such
+            return
+    try:
+        await _original_channel_receive(self, stream_id, pp_id, data)
+    except (UnicodeDecodeError, AssertionError, struct.error) as e:  # a malformed DCEP open or ack
+        log.warning(
+            "data channel stream %d: malformed channel message ignored (%s: %s)", stream_id, type(e).__name__, e
+        )

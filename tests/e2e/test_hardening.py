@@ -173,6 +173,7 @@ def test_every_control_message_gets_an_answer():
                 ('{"type": "params", "strength": NaN}', "NaN is not a JSON number"),
                 ('{"type": "params", "seed": ' + "9" * 5000 + "}", "not allowed"),
                 (json.dumps({"type": "prompt", "prompt": "[" * 3000}), "prompt of 3000 characters is not allowed"),
+                (json.dumps({"type": "prompt", "prompt": "\ud800"}), "'\\ud800' at position 0 is not a character"),
             ]:
                 reply = await client.send(message)
                 assert reply["type"] == "error" and expected in reply["message"], reply

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, rtcsctptransport
 
 from streamer.datachannel import bound_messages
 from streamer.signaling import use_ice_addresses
@@ -46,6 +46,12 @@ def test_a_message_at_the_limit_passes_one_over_is_refused_before_reassembly():
             out, _, messages, refused = await opened(sender, channels, "control")
             out.send("a" * LIMIT)
             assert await asyncio.wait_for(messages.get(), 10) == "a" * LIMIT
+            # text that is not UTF-8 reaches the channel as bytes; aiortc alone raised and ended the connection
+            out.transport._data_channel_queue.append((out, rtcsctptransport.WEBRTC_STRING, b"\xff{}"))
+            await out.transport._data_channel_flush()
+            assert await asyncio.wait_for(messages.get(), 10) == b"\xff{}"
+            out.send("still open")
+            assert await asyncio.wait_for(messages.get(), 10) == "still open"
 
             other, _, other_messages, _ = await opened(sender, channels, "other")
             out.send("b" * 1_000_000)

@@ -70,3 +70,11 @@ def test_access_same_origin_and_named_hosts():
     assert refusal(access, Host="evil.example:8080", Origin="http://evil.example:8080") == 421  # DNS rebinding
     assert refusal(access, Host="127.0.0.1.evil.example") == 421
     assert refusal(access, Host="[::1]:8080") == 421  # bound to IPv4 loopback only
+
+
+def test_a_prompt_must_be_text_that_encodes():
+    from pipeline.types import UserParams
+
+    assert UserParams(prompt="phare à l'aube 🌊").prompt.endswith("🌊")
+    with pytest.raises(ValueError, match=r"'\\ud800' at position 3 is not a character \(a lone surrogate\)"):
+        UserParams(prompt="sea\ud800")
