@@ -141,8 +141,8 @@ def plot(report: dict[str, Any], out: str) -> None:
         counts = stream["frames_per_window"]
         ax_fps.plot(range(len(counts)), counts, "-", linewidth=1)
         ax_fps.axhline(report["server"]["fps"], color="tab:red", linestyle="--", linewidth=1, label="model fps")
-        ax_fps.set_ylim(bottom=0)
-        ax_fps.legend(fontsize=8)
+        ax_fps.set_ylim(0, 1.15 * max(*counts, report["server"]["fps"]))
+        ax_fps.legend(fontsize=8, loc="lower right")
     ax_fps.set_title(f"long stream: frames per 1-s window (worst gap {stream.get('worst_gap_s')} s)", fontsize=10)
     ax_fps.set_xlabel("s since the first frame")
     fuzz = s.get("fuzz", {})

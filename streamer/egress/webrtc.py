@@ -43,24 +43,31 @@ class Playout:
     the rest of the session, so it also shrinks: when every frame of the last ``window`` seconds came
     at least ``margin`` earlier than its time, the clock moves forward by the smallest such slack less
     ``margin``, at most ``max_step`` at a time (a few frames leave close together, then the pace is
-    even again)."""
+    even again), and never by more than it has moved back since the first frame. Frames that always
+    come early (a t2v session keeps a chunk in hand) are no reason to play faster than real time:
+    only a delay that a hiccup added is taken back, so over a session the video plays at its fps."""
 
     def __init__(self, margin: float = 0.03, window: float = 2.0, max_step: float = 0.1) -> None:
         self.margin, self.window, self.max_step = margin, window, max_step
         self.anchor: float | None = None  # time of pts 0
         self._since = 0.0  # start of the current window
         self._slack = float("inf")  # the least slack seen in it
+        self.added = 0.0  # how far late frames moved the clock back, less what was taken back since
 
     def send_time(self, at: float, arrived: float, now: float) -> float:
         """When to send the frame presented ``at`` seconds after the first, which arrived at ``arrived``
         and is asked for ``now`` (all ``time.monotonic()``)."""
         if self.anchor is None or now > self.anchor + at:  # first frame, or late: the clock moves back
+            if self.anchor is not None:
+                self.added += now - (self.anchor + at)
             self.anchor, self._since, self._slack = now - at, now, float("inf")
             return now
         self._slack = min(self._slack, self.anchor + at - arrived)
         if now - self._since >= self.window:
-            if self._slack > self.margin:
-                self.anchor -= min(self._slack - self.margin, self.max_step)
+            if self._slack > self.margin and self.added > 0:
+                step = min(self._slack - self.margin, self.max_step, self.added)
+                self.anchor -= step
+                self.added -= step
             self._since, self._slack = now, float("inf")
         return max(now, self.anchor + at)
 

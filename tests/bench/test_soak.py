@@ -69,6 +69,7 @@ def test_a_long_stream_plays_in_real_time_without_stalls(soak: dict[str, Any]) -
     fps = soak["report"]["server"]["fps"]
     assert s["seconds"] == 15 and len(s["frames_per_window"]) == 15
     assert s["frames"] >= checks.MIN_FPS_SHARE * fps * 15 and s["worst_gap_s"] <= checks.STREAM_GAP_S
+    assert s["fps"] <= (1 + checks.MAX_FPS_EXCESS) * fps  # the video plays at its speed, not faster
 
 
 @pytest.mark.slow

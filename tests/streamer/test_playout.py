@@ -1,4 +1,5 @@
-"""The paced track's clock: the delay grows at once when a frame is late and shrinks back after a hiccup."""
+"""The paced track's clock: the delay grows at once when a frame is late and shrinks back after a hiccup,
+and the video plays at its fps, never faster."""
 
 import itertools
 
@@ -55,3 +56,25 @@ def test_jitter_within_the_margin_keeps_the_delay():
     frames = play(Playout(margin=0.03), arrivals)
     delays = first_frame_delays(frames, range(10, 60))
     assert max(delays) <= 0.025 + 1e-9  # never more than the worst jitter: nothing late, no growth
+
+
+def test_frames_that_always_come_early_are_played_at_their_fps_not_faster():
+    """A t2v session keeps a chunk in hand, so every frame is there long before its time. That slack
+    was never added by a hiccup: taking it back would play the video faster than real time for ever
+    (the long soak run measured 16.8 fps for a 16 fps model before this was fixed)."""
+    arrivals = [0.25 * (k - 1) for k in range(200)]  # each chunk arrives a whole chunk before it plays
+    frames = play(Playout(margin=0.03, window=2.0, max_step=0.1), arrivals)
+    sends = [s for _, s in frames]
+    start = sends[0]
+    assert sends == pytest.approx([start + i / FPS for i in range(len(frames))])
+
+
+def test_after_a_hiccup_only_the_added_delay_is_taken_back():
+    arrivals = [0.25 * (k - 1) for k in range(120)]  # a chunk in hand, as above
+    arrivals[10] += 0.25 + 0.4  # one chunk comes 0.4 s after its time
+    frames = play(Playout(margin=0.03, window=2.0, max_step=0.1), arrivals)
+    sends = [s for _, s in frames]
+    lag = [s - (sends[0] + i / FPS) for i, s in enumerate(sends)]
+    assert max(lag) == pytest.approx(0.4)  # the hiccup added 0.4 s
+    assert lag[-1] == pytest.approx(0.0)  # and exactly that was taken back: the clock is where it started
+    assert min(lag) >= -1e-9  # never ahead of the timeline the first frame set
