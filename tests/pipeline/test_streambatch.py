@@ -96,3 +96,29 @@ def test_same_seed_same_frames_other_seed_other_frames():
     a, b, c = frames(7), frames(7), frames(8)
     assert all((x == y).all() for x, y in zip(a, b, strict=True))
     assert any((x != z).any() for x, z in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize("context", ["stream", "clean"])
+@pytest.mark.parametrize("executor", ["streambatch", "sequential"])
+@pytest.mark.parametrize(("chunk_frames", "window"), [(2, 3), (3, 4)])
+def test_chunks_of_several_frames_around_an_odd_ring_equal_the_reference(context, executor, chunk_frames, window):
+    """Chunks of 2 and 3 latent frames in a ring of odd size (window + (T+1)·chunk_frames = 13, 19), run
+    until the ring has wrapped at least three times: a chunk's frames are split where the ring wraps,
+    and a write or read that gets one frame of a multi-frame chunk wrong shows here."""
+    config = tiny_config(
+        dtype="float64", context=context, sink_frames=1, window_frames=window, chunk_frames=chunk_frames
+    )
+    models = load_models(config)
+    engine = Engine(config, models, executor=executor, keep_latents=True)
+    sessions = {"a": (UserParams(prompt="red sails", seed=1), 20), "b": (UserParams(prompt="blue", seed=2), 9)}
+    got = run_engine(engine, sessions, join_at={"a": 0, "b": 2})
+    ring = window + (config.steps + 1) * chunk_frames
+    assert ring % 2 == 1
+    assert (20 * chunk_frames - config.sink_frames) / ring >= 3  # session a's ring wrapped three times
+
+    for name, (params, chunks) in sessions.items():
+        want = reference_session(models.dit, models.text, config, params, chunks)
+        assert [c.envelope.chunk_index for c in got[name]] == list(range(chunks))
+        for c, ref in zip(got[name], want, strict=True):
+            diff = (c.latents - ref).abs().max().item()
+            assert diff < ATOL, f"session {name} chunk {c.envelope.chunk_index}: max diff {diff}"
