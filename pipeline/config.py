@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.schedules import sigmas_from_timesteps
+from pipeline.sampling import sigmas_from_timesteps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"

@@ -26,8 +26,8 @@ from pipeline.config import SystemConfig
 from pipeline.executor import Executor, SequentialExecutor, SlotInputs, StreamBatchExecutor
 from pipeline.models.loader import DTYPES, Models, load_models
 from pipeline.models.vae import VaeStream
+from pipeline.sampling import add_noise, chunk_noise, to_x0
 from pipeline.scheduler import Scheduler, Slot, TickPlan
-from pipeline.schedules import add_noise, chunk_noise, to_x0
 from pipeline.types import PTS_CLOCK, DecodedChunk, UserParams
 from pipeline.window import ChunkState, KVWindow, SessionWindow
 

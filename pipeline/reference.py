@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import SystemConfig
 from pipeline.models.causal_wan import AttnBatch, CausalWan, apply_rope
-from pipeline.schedules import add_noise, chunk_noise, to_x0
+from pipeline.sampling import add_noise, chunk_noise, to_x0
 from pipeline.types import UserParams
 from pipeline.window import context_frames, sink_shift
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import SystemConfig
-from pipeline.schedules import strength_sigmas
+from pipeline.sampling import strength_sigmas
 from pipeline.types import PTS_CLOCK, Envelope
 from pipeline.window import SessionWindow, context_frames
 

@@ -30,7 +30,7 @@ from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
 from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
 from streamer.ingress import InputError, LiveSource, VideoFileSource, is_live
-from streamer.schedule import Schedule, ScheduleError, ScheduleEvent, load_schedule
+from streamer.prompts import PromptEvent, PromptScript, PromptScriptError, load_prompts
 
 EXIT_BAD_INPUT = 2
 EXIT_OUTPUT_FAILED = 3
@@ -196,7 +196,7 @@ def generate(
     stop: StopFlag,
     bar: tqdm,
     realtime: bool = False,
-    schedule: Schedule | None = None,
+    schedule: PromptScript | None = None,
 ) -> int:
     """Run the engine until ``total`` frames are made, the input ends, ``stop`` is set, or every output has failed.
 
@@ -247,7 +247,7 @@ def generate(
     return made
 
 
-def apply_event(engine: Engine, sid: str, event: ScheduleEvent, frame: int, fps: int) -> None:
+def apply_event(engine: Engine, sid: str, event: PromptEvent, frame: int, fps: int) -> None:
     what = []
     if event.cut:
         epoch = engine.cut(sid)
@@ -316,7 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             timesteps=parse_timesteps(args.timesteps),
             fps=args.fps,
         )
-        schedule = load_schedule(args.prompts) if args.prompts else None
+        schedule = load_prompts(args.prompts) if args.prompts else None
         prompt = (schedule.initial_prompt() if schedule else None) or args.prompt
         params = UserParams(prompt=prompt, seed=args.seed, strength=args.strength)
         most = MAX_SECONDS * config.fps
@@ -327,7 +327,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
         source = open_input(args.input, config) if args.input else None
         engine = Engine(config)
-    except (ConfigError, OutputError, InputError, ScheduleError, ValueError) as e:
+    except (ConfigError, OutputError, InputError, PromptScriptError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     mode = f"v2v from {args.input}{' (live)' if isinstance(source, LiveSource) else ''}" if source else "t2v"

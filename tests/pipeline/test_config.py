@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, load_model_preset, load_system_config
 from pipeline.engine import Engine
 from pipeline.models.loader import load_models, random_components, save_pretrained
 from pipeline.models.text import ByteTokenizer
-from pipeline.schedules import shifted_sigmas, sigmas_from_timesteps, strength_sigmas, validate_sigmas
+from pipeline.sampling import shifted_sigmas, sigmas_from_timesteps, strength_sigmas, validate_sigmas
 from tests.conftest import tiny_config
 
 

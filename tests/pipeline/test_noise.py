@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from pipeline.schedules import chunk_noise, noise_seed
+from pipeline.sampling import chunk_noise, noise_seed
 
 
 def test_every_distinct_key_has_its_own_seed():

@@ -16,7 +16,7 @@ The file is a list of entries. Each has a time ``at`` and one or both of ``promp
 * ``cut``: ``true`` for a hard cut at that time, applied before the prompt of the same entry; ``false`` is no cut.
 
 An entry needs a ``prompt`` or ``cut: true``; other keys are errors, and times must be strictly increasing. The
-entry at time 0, if any, sets the initial state. Every violation raises :class:`ScheduleError`, whose message names
+entry at time 0, if any, sets the initial state. Every violation raises :class:`PromptScriptError`, whose message names
 the file, the line of the entry, the field and its value, and what is allowed. A file over 1 MiB, or nested more
 than 32 levels deep (a schedule needs 3: the list, an entry, its values), is refused before it is read further.
 """
@@ -43,12 +43,12 @@ _CLOCK = re.compile(r"(?:(\d+):([0-5]\d)|(\d+)):([0-5]\d(?:\.\d+)?)")
 _DECIMAL = re.compile(r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?")
 
 
-class ScheduleError(ValueError):
+class PromptScriptError(ValueError):
     """A prompt schedule that can't be used; the message names the file, the line, the field and the value."""
 
 
 @dataclass(frozen=True)
-class ScheduleEvent:
+class PromptEvent:
     at: float  # seconds
     prompt: str | None  # the prompt from then on, or None
     cut: bool  # a hard cut at that time (applied before the prompt of the same entry)
@@ -56,18 +56,18 @@ class ScheduleEvent:
 
 
 @dataclass(frozen=True)
-class Schedule:
-    events: tuple[ScheduleEvent, ...]  # in strictly increasing time
+class PromptScript:
+    events: tuple[PromptEvent, ...]  # in strictly increasing time
 
     def initial_prompt(self) -> str | None:
         """The prompt of an entry at time 0, if any."""
         return next((e.prompt for e in self.events if e.at == 0), None)
 
-    def due(self, after: float, until: float) -> list[ScheduleEvent]:
+    def due(self, after: float, until: float) -> list[PromptEvent]:
         """The events with ``after < at <= until``, in order; one at time 0 is the initial state, never due."""
         return [e for e in self.events if e.at > 0 and after < e.at <= until]
 
-    def frame_of(self, event: ScheduleEvent, fps: int) -> int:
+    def frame_of(self, event: PromptEvent, fps: int) -> int:
         """The first video frame the event applies to: ``ceil(at * fps)``, minus float noise (8.3 s at 30 fps: 249)."""
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps!r}")
@@ -84,44 +84,44 @@ def parse_time(value: object) -> float:
         raise ValueError(f"invalid time {value!r}: {e}; allowed: {TIME_FORMS}") from None
 
 
-def load_schedule(path: str | Path) -> Schedule:
-    """Read and check the prompt schedule at ``path`` (see the module docstring); ScheduleError if it is invalid."""
+def load_prompts(path: str | Path) -> PromptScript:
+    """Read and check the prompt schedule at ``path`` (see the module docstring); PromptScriptError if it is invalid."""
     path = Path(path)
     try:
         with path.open("rb") as f:
             data = f.read(MAX_BYTES + 1)  # never more, whatever the file is (/dev/zero, a pipe)
         if len(data) > MAX_BYTES:
-            raise ScheduleError(f"{path}: the prompt schedule is over 1 MiB; allowed: at most {MAX_BYTES} bytes")
+            raise PromptScriptError(f"{path}: the prompt schedule is over 1 MiB; allowed: at most {MAX_BYTES} bytes")
         text = data.decode("utf-8")
     except OSError as e:
-        raise ScheduleError(f"{path}: cannot read the prompt schedule: {e.strerror or e}") from e
+        raise PromptScriptError(f"{path}: cannot read the prompt schedule: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
-        raise ScheduleError(f"{path}: the prompt schedule is not UTF-8 text: {e}") from e
+        raise PromptScriptError(f"{path}: the prompt schedule is not UTF-8 text: {e}") from e
 
     loader = _Loader(text, path)
     try:
         root = loader.get_single_node()
         if root is None:
-            raise ScheduleError(f"{path}: the prompt schedule is empty; expected a list of entries (- at: ...)")
+            raise PromptScriptError(f"{path}: the prompt schedule is empty; expected a list of entries (- at: ...)")
         if not isinstance(root, yaml.SequenceNode):
             raise _error(path, root, f"expected a list of entries (- at: ...), got {_kind(root)}")
         if not root.value:
             raise _error(path, root, "the list of entries is empty; expected at least one")
         entries = [_entry(path, loader, node) for node in root.value]
     except yaml.MarkedYAMLError as e:
-        raise ScheduleError(f"{path}: {_yaml_problem(e)}") from e
+        raise PromptScriptError(f"{path}: {_yaml_problem(e)}") from e
     except yaml.YAMLError as e:
-        raise ScheduleError(f"{path}: invalid YAML: {e}") from e
+        raise PromptScriptError(f"{path}: invalid YAML: {e}") from e
     finally:
         loader.dispose()
 
     for (before, before_at), (event, at) in pairwise(entries):
         if event.at <= before.at:
-            raise ScheduleError(
+            raise PromptScriptError(
                 f"{path}: line {event.line}: {_show_at(at, event.at)} is not after line {before.line} "
                 f"({_show_at(before_at, before.at)}); times must be strictly increasing"
             )
-    return Schedule(tuple(event for event, _ in entries))
+    return PromptScript(tuple(event for event, _ in entries))
 
 
 class _Loader(yaml.SafeLoader):
@@ -139,7 +139,7 @@ class _Loader(yaml.SafeLoader):
         try:
             if self._depth > MAX_DEPTH:
                 line = self.peek_event().start_mark.line + 1
-                raise ScheduleError(
+                raise PromptScriptError(
                     f"{self._path}: line {line}: nested more than {MAX_DEPTH} levels deep; "
                     "a schedule is a list of entries (- at: ...) of plain values"
                 )
@@ -176,7 +176,7 @@ def _seconds(value: object) -> float:
     return total
 
 
-def _entry(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> tuple[ScheduleEvent, object]:
+def _entry(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> tuple[PromptEvent, object]:
     """The event of one entry, and its ``at`` as written (for messages)."""
     if not isinstance(node, yaml.MappingNode):
         raise _error(path, node, f"an entry must be a mapping with keys {', '.join(KEYS)}; got {_kind(node)}")
@@ -213,19 +213,19 @@ def _entry(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> tuple[Schedu
         raise _error(path, node, f"cut={_short(cut)} is not a boolean; allowed: true, false")
     if prompt is None and not cut:
         raise _error(path, node, f"entry at={_short(raw_at)} has neither a prompt nor cut: true; it needs at least one")
-    return ScheduleEvent(at=at, prompt=prompt, cut=cut, line=_line(node)), raw_at
+    return PromptEvent(at=at, prompt=prompt, cut=cut, line=_line(node)), raw_at
 
 
 def _construct(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> object:
-    """The Python value of ``node``; a tagged value that doesn't parse (``!!int abc``) is a ScheduleError."""
+    """The Python value of ``node``; a tagged value that doesn't parse (``!!int abc``) is a PromptScriptError."""
     try:
         return loader.construct_object(node, deep=True)
     except (ValueError, TypeError) as e:
         raise _error(path, node, f"invalid value {_short(node.value)}: {e}") from None
 
 
-def _error(path: Path, node: yaml.Node, message: str) -> ScheduleError:
-    return ScheduleError(f"{path}: line {_line(node)}: {message}")
+def _error(path: Path, node: yaml.Node, message: str) -> PromptScriptError:
+    return PromptScriptError(f"{path}: line {_line(node)}: {message}")
 
 
 def _line(node: yaml.Node) -> int:

@@ -11,17 +11,17 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from streamer import schedule as schedule_module
-from streamer.schedule import Schedule, ScheduleError, ScheduleEvent, load_schedule, parse_time
+from streamer import prompts as prompts_module
+from streamer.prompts import PromptEvent, PromptScript, PromptScriptError, load_prompts, parse_time
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # The example of the module's documentation: the docs stay true.
-EXAMPLE = textwrap.dedent(schedule_module.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]) + "\n"
+EXAMPLE = textwrap.dedent(prompts_module.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]) + "\n"
 EXAMPLE_EVENTS = (
-    ScheduleEvent(at=0.0, prompt="a lighthouse on a cliff at dusk", cut=False, line=1),
-    ScheduleEvent(at=4.5, prompt="a storm rolls in", cut=False, line=3),
-    ScheduleEvent(at=10.0, prompt="morning, calm sea", cut=True, line=5),
+    PromptEvent(at=0.0, prompt="a lighthouse on a cliff at dusk", cut=False, line=1),
+    PromptEvent(at=4.5, prompt="a storm rolls in", cut=False, line=3),
+    PromptEvent(at=10.0, prompt="morning, calm sea", cut=True, line=5),
 )
 TIMES_ALLOWED = re.escape('allowed: a number of seconds >= 0, or a string "M:SS", "H:MM:SS", "M:SS.s" or "H:MM:SS.s"')
 
@@ -32,8 +32,8 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def load(tmp_path: Path, text: str) -> Schedule:
-    return load_schedule(write(tmp_path, text))
+def load(tmp_path: Path, text: str) -> PromptScript:
+    return load_prompts(write(tmp_path, text))
 
 
 def entries(times: list[float]) -> str:
@@ -50,9 +50,9 @@ def test_the_example_gives_its_events_with_their_lines(tmp_path: Path) -> None:
 
 def test_a_path_may_be_a_string_and_prompts_are_stripped(tmp_path: Path) -> None:
     path = write(tmp_path, "- at: 0\n  prompt: >\n    folded\n    text\n- at: 1\n  cut: yes\n")
-    assert load_schedule(str(path)).events == (
-        ScheduleEvent(at=0.0, prompt="folded text", cut=False, line=1),
-        ScheduleEvent(at=1.0, prompt=None, cut=True, line=5),
+    assert load_prompts(str(path)).events == (
+        PromptEvent(at=0.0, prompt="folded text", cut=False, line=1),
+        PromptEvent(at=1.0, prompt=None, cut=True, line=5),
     )
 
 
@@ -126,7 +126,7 @@ def test_initial_prompt(tmp_path: Path) -> None:
 
 
 def test_due_takes_events_after_the_start_up_to_and_including_the_end() -> None:
-    schedule = Schedule(EXAMPLE_EVENTS)
+    schedule = PromptScript(EXAMPLE_EVENTS)
     start, storm, morning = EXAMPLE_EVENTS
     assert schedule.due(0, 4.4) == []
     assert schedule.due(0, 4.5) == [storm]
@@ -155,14 +155,14 @@ def test_due_takes_events_after_the_start_up_to_and_including_the_end() -> None:
     ],
 )
 def test_frame_of(at: float, fps: int, frame: int) -> None:
-    event = ScheduleEvent(at=at, prompt="x", cut=False, line=1)
-    assert Schedule((event,)).frame_of(event, fps) == frame
+    event = PromptEvent(at=at, prompt="x", cut=False, line=1)
+    assert PromptScript((event,)).frame_of(event, fps) == frame
 
 
 def test_frame_of_needs_a_positive_fps() -> None:
-    event = ScheduleEvent(at=1.0, prompt="x", cut=False, line=1)
+    event = PromptEvent(at=1.0, prompt="x", cut=False, line=1)
     with pytest.raises(ValueError, match="fps must be positive, got 0"):
-        Schedule((event,)).frame_of(event, 0)
+        PromptScript((event,)).frame_of(event, 0)
 
 
 # ---- errors ----
@@ -170,15 +170,15 @@ def test_frame_of_needs_a_positive_fps() -> None:
 
 def test_a_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
-    with pytest.raises(ScheduleError, match=re.escape(f"{path}: cannot read the prompt schedule: No such file")):
-        load_schedule(path)
+    with pytest.raises(PromptScriptError, match=re.escape(f"{path}: cannot read the prompt schedule: No such file")):
+        load_prompts(path)
 
 
 def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "prompts.yaml"
     path.write_bytes(b"- at: 0\n  prompt: caf\xe9\n")
-    with pytest.raises(ScheduleError, match=re.escape(f"{path}: the prompt schedule is not UTF-8 text")):
-        load_schedule(path)
+    with pytest.raises(PromptScriptError, match=re.escape(f"{path}: the prompt schedule is not UTF-8 text")):
+        load_prompts(path)
 
 
 @pytest.mark.parametrize(
@@ -255,8 +255,8 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
 )
 def test_an_invalid_schedule_names_the_file_the_line_and_the_value(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(ScheduleError, match=re.escape(f"{path}: ") + message):
-        load_schedule(path)
+    with pytest.raises(PromptScriptError, match=re.escape(f"{path}: ") + message):
+        load_prompts(path)
 
 
 def deep_mapping(depth: int) -> str:
@@ -276,21 +276,21 @@ def deep_mapping(depth: int) -> str:
 )
 def test_nesting_deeper_than_the_limit_is_an_error_naming_the_file(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(ScheduleError, match=re.escape(f"{path}: line ") + r"\d+: nested more than 32 levels deep"):
-        load_schedule(path)
+    with pytest.raises(PromptScriptError, match=re.escape(f"{path}: line ") + r"\d+: nested more than 32 levels deep"):
+        load_prompts(path)
 
 
 def test_nesting_up_to_the_limit_is_read_and_checked_as_usual(tmp_path: Path) -> None:
     # the list of entries, an entry and its value are 3 levels; 30 more in the value make 32
     path = write(tmp_path, "- at: 0\n  prompt: " + "[" * 30 + "]" * 30 + "\n")
-    with pytest.raises(ScheduleError, match=re.escape(f"{path}: line 1: prompt=[[[") + r".* is not a string"):
-        load_schedule(path)
+    with pytest.raises(PromptScriptError, match=re.escape(f"{path}: line 1: prompt=[[[") + r".* is not a string"):
+        load_prompts(path)
 
 
 def test_a_file_over_1_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
     path = write(tmp_path, "- at: 0\n  prompt: x\n" + "#" * (1 << 20) + "\n")
-    with pytest.raises(ScheduleError, match=re.escape(f"{path}: the prompt schedule is over 1 MiB")):
-        load_schedule(path)
+    with pytest.raises(PromptScriptError, match=re.escape(f"{path}: the prompt schedule is over 1 MiB")):
+        load_prompts(path)
 
 
 # ---- properties ----
@@ -321,7 +321,7 @@ def test_unsorted_times_are_an_error_at_the_first_step_back(
     shuffled = data.draw(st.permutations(times))
     assume(shuffled != sorted(shuffled))
     back = next(i for i in range(1, len(shuffled)) if shuffled[i] < shuffled[i - 1])
-    with pytest.raises(ScheduleError, match=rf": line {2 * back + 1}: at=.* is not after line {2 * back - 1} "):
+    with pytest.raises(PromptScriptError, match=rf": line {2 * back + 1}: at=.* is not after line {2 * back - 1} "):
         load(tmp_path, entries(shuffled))
 
 
