@@ -1,12 +1,18 @@
-"""Engine benchmark: StreamBatch vs a plain sequential loop, and 1 vs N concurrent sessions.
+"""Engine benchmark: StreamBatch vs a plain sequential loop, 1 vs N sessions, the decode phase on and off.
 
     python -m bench.engine --config configs/tiny.yaml --json out.json
 
-Every case runs the same engine on the same models; cases are interleaved round by round (A B C D,
-A B C D, ...) so that a shared, noisy machine slows them alike, and the ratios are what to read.
-"sequential" is the same work as StreamBatch (same plans, same visibility rule) with one forward
-per slot. Reported per case: chunks/s, frames/s, ms per tick (median, p95) for the whole tick
-(VAE encode/decode included) and for the DiT executor alone.
+Every case runs the same engine code on the same models; cases are interleaved round by round (A B C
+D, A B C D, ...) so that a shared, noisy machine slows them alike, and the ratios are what to read.
+
+- ``streambatch``: every slot of a tick in one batched forward; ``sequential``: the same plans and
+  visibility rule with one forward per slot (the baseline).
+- decode ``thread``: the decode phase in its own thread (a tick costs about max(DiT, decode)); decode
+  ``inline``: decoded within the tick (DiT + decode). The StreamBatch/sequential ratio is taken with
+  the decode inline, as it was measured before the decode phase existed.
+
+Reported per case: frames/s, chunks/s, ms per tick (median, p95), and the engine's own phase times
+read from ``engine.timer``: DiT ms per tick (the mean; its forwards summed) and decode ms per call.
 """
 
 from __future__ import annotations
@@ -19,84 +25,84 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline.config import load_system_config, replace
+from pipeline.commands import Demand, Open
+from pipeline.config import SystemConfig, load_system_config, replace
 from pipeline.engine import Engine
-from pipeline.executor import Executor, SlotInputs
+from pipeline.executor import local_executor
 from pipeline.models.loader import Models, load_models
+from pipeline.types import UserParams
 
 PROMPTS = ["a red fox in snow", "waves at night", "a city from above", "rain on glass", "a forest path"]
-
-
-class TimedExecutor:
-    """Wraps an executor and records its wall time per call (synchronising a GPU)."""
-
-    def __init__(self, inner: Executor, device: torch.device) -> None:
-        self.inner = inner
-        self.device = device
-        self.seconds: list[float] = []
-
-    def run(self, inputs: SlotInputs) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = self.inner.run(inputs)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds.append(time.perf_counter() - t0)
-        return out
+BATCHING = {"streambatch": "tick", "sequential": "slot"}
 
 
 @dataclass
 class Case:
-    executor: str
+    executor: str  # "streambatch" or "sequential"
     sessions: int
+    decode: str  # "thread" or "inline"
     tick_s: list[float] = field(default_factory=list)
     dit_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
     chunks: int = 0
     frames: int = 0
     slots: int = 0
+    ticks: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.executor}/{self.sessions}"
+        return f"{self.executor}/{self.sessions}/{self.decode}"
 
     def summary(self) -> dict[str, float]:
-        total = sum(self.tick_s)
         ms = sorted(t * 1000 for t in self.tick_s)
-        dit = sorted(t * 1000 for t in self.dit_s)
         return {
             "sessions": self.sessions,
-            "fps": self.frames / total,
-            "chunks_per_s": self.chunks / total,
-            "fps_per_session": self.frames / total / self.sessions,
+            "fps": self.frames / self.wall_s,
+            "chunks_per_s": self.chunks / self.wall_s,
+            "fps_per_session": self.frames / self.wall_s / self.sessions,
             "ms_per_tick_median": statistics.median(ms),
             "ms_per_tick_p95": ms[min(len(ms) - 1, int(0.95 * len(ms)))],
-            "dit_ms_per_tick_median": statistics.median(dit),
-            "slots_per_tick": self.slots / len(self.tick_s),
-            "ticks": len(self.tick_s),
+            "dit_ms_per_tick": sum(self.dit_s) / self.ticks * 1000,  # one forward (StreamBatch) or one per slot
+            "decode_ms_per_call_median": statistics.median(self.decode_s) * 1000 if self.decode_s else 0.0,
+            "slots_per_tick": self.slots / self.ticks,
+            "ticks": self.ticks,
         }
 
 
-def run_round(case: Case, models: Models, config, warmup: int, ticks: int) -> None:
-    engine = Engine(config, models, executor=case.executor)
-    timed = TimedExecutor(engine.executor, engine.device)
-    engine.executor = timed
-    for i in range(case.sessions):
-        sid = engine.open_session({"prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
-        engine.request(sid, warmup + ticks + 2 * config.steps)
-    for _ in range(warmup):  # fills every window: T+1 slots per session from here on
-        engine.step()
-    timed.seconds.clear()
-    slots_before = engine.stats.slots
-    for _ in range(ticks):
-        t0 = time.perf_counter()
-        out = engine.step()
-        case.tick_s.append(time.perf_counter() - t0)
-        case.chunks += len(out)
-        case.frames += sum(c.num_frames for c in out)
-    case.dit_s += timed.seconds
-    case.slots += engine.stats.slots - slots_before
+def run_round(case: Case, models: Models, config: SystemConfig, warmup: int, ticks: int) -> None:
+    executor = local_executor(config, models, BATCHING[case.executor], threaded_decode=case.decode == "thread")
+    engine = Engine(config, models, executor=executor)
+    try:
+        for i in range(case.sessions):
+            sid = engine.apply(Open(UserParams(prompt=PROMPTS[i % len(PROMPTS)], seed=i))).session_id
+            engine.apply(Demand(sid, warmup + ticks + 2 * config.steps))
+        while engine.stats.ticks < warmup:  # fills every window: T+1 slots per session from here on
+            engine.step()
+        engine.timer.clear()
+        ticks0, slots0 = engine.stats.ticks, engine.stats.slots
+        start = time.perf_counter()
+        while engine.stats.ticks < ticks0 + ticks:
+            t0 = time.perf_counter()
+            before = engine.stats.ticks
+            out = engine.step()
+            if engine.stats.ticks > before:
+                case.tick_s.append(time.perf_counter() - t0)
+            case.chunks += len(out)
+            case.frames += sum(c.num_frames for c in out)
+        if models.dit.device.type == "cuda":
+            torch.cuda.synchronize()
+        case.wall_s += time.perf_counter() - start
+        case.ticks += engine.stats.ticks - ticks0
+        case.slots += engine.stats.slots - slots0
+        case.dit_s += engine.timer.seconds("dit")
+        case.decode_s += engine.timer.seconds("decode")
+    finally:
+        engine.close()
 
 
 def machine() -> dict[str, str | int]:
@@ -130,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(config, max_sessions=max(config.max_sessions, args.sessions))
     models = load_models(config, random_weights=args.random_weights)
     warmup = args.warmup if args.warmup is not None else config.steps + 2
-    cases = [Case(e, n) for n in (1, args.sessions) for e in ("streambatch", "sequential")]
+    many = args.sessions
+    cases = [
+        Case(executor, n, decode)
+        for n in (1, many)
+        for executor, decode in (("streambatch", "thread"), ("streambatch", "inline"), ("sequential", "inline"))
+    ]
     print(
         f"bench.engine: {config.model.name} {config.width}x{config.height} {config.dtype} on {config.device}, "
         f"{config.steps} steps, chunk_frames={config.chunk_frames}, context={config.context}",
@@ -142,31 +153,49 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  round {round_ + 1}/{args.rounds} {case.name}: done", file=sys.stderr)
 
     results = {c.name: c.summary() for c in cases}
-    many = args.sessions
-    sb, seq = results[f"streambatch/{many}"], results[f"sequential/{many}"]
-    report = {
+    sb, seq = results[f"streambatch/{many}/inline"], results[f"sequential/{many}/inline"]
+    report: dict[str, Any] = {
         "streambatch": sb,
         "sequential": seq,
         "speedup": sb["fps"] / seq["fps"],
-        "dit_speedup": seq["dit_ms_per_tick_median"] / sb["dit_ms_per_tick_median"],
-        "session_scaling": sb["fps"] / results["streambatch/1"]["fps"],
-        "realtime_factor_1_session": results["streambatch/1"]["fps"] / config.fps,
+        "dit_speedup": seq["dit_ms_per_tick"] / sb["dit_ms_per_tick"],
+        "session_scaling": results[f"streambatch/{many}/thread"]["fps"] / results["streambatch/1/thread"]["fps"],
+        "realtime_factor_1_session": results["streambatch/1/thread"]["fps"] / config.fps,
+        "decode_phase": {
+            f"{n}": {
+                "fps_thread_over_inline": results[f"streambatch/{n}/thread"]["fps"]
+                / results[f"streambatch/{n}/inline"]["fps"],
+                "tick_over_dit_thread": results[f"streambatch/{n}/thread"]["ms_per_tick_median"]
+                / results[f"streambatch/{n}/thread"]["dit_ms_per_tick"],
+                "tick_over_dit_inline": results[f"streambatch/{n}/inline"]["ms_per_tick_median"]
+                / results[f"streambatch/{n}/inline"]["dit_ms_per_tick"],
+            }
+            for n in (1, many)
+        },
         "cases": results,
         "config": config.summary() | {"random_weights": args.random_weights or config.model.weights == "random"},
         "machine": machine(),
         "command": " ".join(["python -m bench.engine", *(argv if argv is not None else sys.argv[1:])]),
     }
-    header = f"{'case':<16}{'fps':>9}{'chunks/s':>10}{'ms/tick p50':>13}{'p95':>9}{'DiT ms p50':>12}{'slots':>7}"
+    header = (
+        f"{'case':<24}{'fps':>9}{'chunks/s':>10}{'ms/tick p50':>13}{'p95':>9}{'DiT ms':>9}{'decode ms':>11}{'slots':>7}"
+    )
     print(header)
     for name, r in results.items():
         print(
-            f"{name:<16}{r['fps']:>9.2f}{r['chunks_per_s']:>10.2f}{r['ms_per_tick_median']:>13.1f}"
-            f"{r['ms_per_tick_p95']:>9.1f}{r['dit_ms_per_tick_median']:>12.1f}{r['slots_per_tick']:>7.1f}"
+            f"{name:<24}{r['fps']:>9.2f}{r['chunks_per_s']:>10.2f}{r['ms_per_tick_median']:>13.1f}"
+            f"{r['ms_per_tick_p95']:>9.1f}{r['dit_ms_per_tick']:>9.1f}{r['decode_ms_per_call_median']:>11.1f}"
+            f"{r['slots_per_tick']:>7.1f}"
         )
     print(
-        f"StreamBatch / sequential ({many} sessions): {report['speedup']:.2f}x frames/s, "
+        f"StreamBatch / sequential ({many} sessions, decode inline): {report['speedup']:.2f}x frames/s, "
         f"{report['dit_speedup']:.2f}x DiT time per tick"
     )
+    for n, d in report["decode_phase"].items():
+        print(
+            f"decode phase ({n} session(s)): thread / inline {d['fps_thread_over_inline']:.2f}x frames/s; "
+            f"tick / DiT {d['tick_over_dit_thread']:.2f} (thread), {d['tick_over_dit_inline']:.2f} (inline)"
+        )
     print(f"{many} sessions / 1 session (StreamBatch): {report['session_scaling']:.2f}x frames/s")
     print(f"1 session: {report['realtime_factor_1_session']:.2f}x real time at {config.fps} fps")
     if args.json:

@@ -11,9 +11,11 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pipeline.commands import Demand, Open
 from pipeline.config import load_system_config, replace
 from pipeline.engine import Engine
 from pipeline.models.loader import load_models
+from pipeline.types import UserParams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,18 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(config, load_models(config, random_weights=args.random_weights))
     warmup = args.warmup if args.warmup is not None else config.sink_frames + config.window_frames + config.steps + 1
     for i in range(args.sessions):
-        engine.request(engine.open_session({"prompt": f"p{i}", "seed": i}), warmup + args.ticks + 1)
-    for _ in range(warmup):
+        sid = engine.apply(Open(UserParams(prompt=f"p{i}", seed=i))).session_id
+        engine.apply(Demand(sid, warmup + args.ticks + 1))
+    while engine.stats.ticks < warmup:
         engine.step()
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        for _ in range(args.ticks):
+        while engine.stats.ticks < warmup + args.ticks:
             engine.step()
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    engine.close()
     return 0
 
 

@@ -96,6 +96,16 @@ class SystemConfig:
     max_sessions: int  # sessions the engine accepts at once
     timesteps: tuple[float, ...]  # denoising timesteps in use (default: the model's)
     fps: int  # output video frames per second
+    decode_phase: str = "auto"  # "thread": decode beside the DiT; "inline": within the tick; "auto": thread on a GPU
+
+    @property
+    def threaded_decode(self) -> bool:
+        """Decode in a thread of its own, beside the DiT. ``auto``: on a GPU (its own CUDA stream), not on a
+        CPU, where both phases share the same cores and a second thread only adds contention (measured:
+        bench/README.md, "decode phase")."""
+        if self.decode_phase == "auto":
+            return self.device != "cpu"
+        return self.decode_phase == "thread"
 
     @property
     def steps(self) -> int:
@@ -127,6 +137,7 @@ class SystemConfig:
             "context": self.context,
             "dtype": self.dtype,
             "device": self.device,
+            "decode_phase": "thread" if self.threaded_decode else "inline",
         }
 
     def frames_for_chunk(self, first: bool) -> int:
@@ -255,9 +266,11 @@ _SYSTEM_FIELDS = {
     "max_sessions",
     "timesteps",
     "fps",
+    "decode_phase",
 }
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 CONTEXTS = ("stream", "clean")
+DECODE_PHASES = ("auto", "thread", "inline")
 
 
 def load_system_config(path: str | Path, **overrides: Any) -> SystemConfig:
@@ -303,6 +316,9 @@ def build_system_config(
     max_sessions = positive_int("max_sessions", 4)
     timesteps = _timesteps(where, data["timesteps"]) if data.get("timesteps") is not None else preset.timesteps
     fps = positive_int("fps", preset.fps)
+    decode_phase = str(data.get("decode_phase", "auto"))
+    if decode_phase not in DECODE_PHASES:
+        raise _fail(where, "decode_phase", decode_phase, f"one of {DECODE_PHASES}")
     # Every query-key distance the model sees stays within sink + window + one chunk (pipeline/window.py).
     longest = sink + window + chunk_frames
     if longest > preset.rope_max_seq_len:
@@ -326,6 +342,7 @@ def build_system_config(
         max_sessions=max_sessions,
         timesteps=timesteps,
         fps=fps,
+        decode_phase=decode_phase,
     )
 
 

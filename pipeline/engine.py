@@ -1,13 +1,13 @@
-"""The engine: sessions in, decoded chunks out, one tick at a time (schedule -> execute -> update).
+"""The engine: commands in, decoded chunks out (DESIGN §6a).
 
-The API later layers build on (all methods are thread-safe; ``step`` does the model work, so a
-server calls it from a worker thread, never from its event loop):
+- :meth:`Engine.apply` takes one command (:mod:`pipeline.commands`: open, close, demand, submit,
+  params, cut, query) and returns its typed result. Commands are applied between ticks.
+- :meth:`Engine.step` moves the work on by one tick through its phases: intake (frames in, encode)
+  -> schedule -> execute (the executor: one process, or a ring of stages) -> update -> decode (its own
+  phase, behind a bounded queue). It returns the chunks decoded since the last call, in order per
+  session, with envelope and pts; with the decode phase in its own thread those were made earlier.
 
-- ``open_session(params, mode)`` / ``close_session(id)``
-- ``request(id, n)``: t2v, ask for n more chunks; ``submit(id, frames)``: v2v input frames
-- ``update_params(id, **changes)``: soft change from the next chunk on
-- ``cut(id)``: hard cut, returns the new epoch
-- ``step()``: one tick; returns the chunks that left clean, decoded, with envelope and pts
+A server calls both from one worker thread, never from its event loop (``streamer.bridge``).
 """
 
 from __future__ import annotations
@@ -17,21 +17,41 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 
+from pipeline.commands import (
+    MODES,
+    Close,
+    Closed,
+    Command,
+    Cut,
+    CutDone,
+    Demand,
+    Open,
+    Opened,
+    ParamsSet,
+    Query,
+    Result,
+    SessionStatus,
+    SetParams,
+    Submit,
+    Submitted,
+)
 from pipeline.config import SystemConfig
-from pipeline.executor import Executor, SequentialExecutor, SlotInputs, StreamBatchExecutor
+from pipeline.executor import Executor, Velocity, local_executor
+from pipeline.intake import NO_INPUT, Intake
 from pipeline.models.loader import DTYPES, Models, load_models
-from pipeline.models.vae import VaeStream
-from pipeline.sampling import add_noise, chunk_noise, to_x0
-from pipeline.scheduler import Scheduler, Slot, TickPlan
-from pipeline.types import PTS_CLOCK, DecodedChunk, UserParams
-from pipeline.window import ChunkState, KVWindow, SessionWindow
+from pipeline.sampling import chunk_noise
+from pipeline.scheduler import Scheduler, Slot, fold
+from pipeline.stages.dispatch import Dispatcher, TickWork
+from pipeline.stages.stage import Activations, Control, MicroBatch
+from pipeline.state import ChunkState, SessionState
+from pipeline.types import DecodedChunk, UserParams
 
-MODES = ("t2v", "v2v")
+WAIT_S = 0.05  # longest a step waits for results or decodes when nothing can be issued
 
 
 class SessionLimitError(RuntimeError):
@@ -39,40 +59,24 @@ class SessionLimitError(RuntimeError):
 
 
 @dataclass
-class _Session:
-    window: SessionWindow
-    vae: VaeStream  # causal caches of encoder and decoder for the current epoch
-    pending_frames: list[np.ndarray] = field(default_factory=list)  # v2v frames not yet encoded
-
-
-@dataclass(frozen=True)
-class SessionProgress:
-    next_video_frame: int  # first video frame of the next chunk to start (output timeline)
-    demand: int  # t2v: chunks asked for and not started
-    denoising: int  # chunks in flight that are not clean yet
-    in_flight: int  # chunks in the window, the one waiting for its σ=0 write included
-    epoch: int
-
-
-@dataclass
 class EngineStats:
-    ticks: int = 0
+    ticks: int = 0  # ticks committed
     slots: int = 0
     chunks_out: int = 0
     frames_out: int = 0
-    tick_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # wall time of recent ticks
+    tick_seconds: deque[float] = field(
+        default_factory=lambda: deque(maxlen=1000)
+    )  # wall time of steps that issued a tick
 
 
-def frames_to_tensor(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [1, 3, N, H, W] in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
-    return t.permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0
+@dataclass
+class _Out:
+    """A micro-batch on its way: what its results fold into."""
 
-
-def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
-    """float [1, 3, N, H, W] in [-1, 1] -> uint8 [N, H, W, 3]."""
-    x = ((video[0].float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
+    work: TickWork
+    index: int
+    x: torch.Tensor  # [B, C, F, h, w] its inputs
+    sigma: torch.Tensor  # [B]
 
 
 class Engine:
@@ -80,296 +84,257 @@ class Engine:
         self,
         config: SystemConfig,
         models: Models | None = None,
-        executor: str = "streambatch",
-        keep_latents: bool = False,
+        executor: Executor | None = None,
         max_input_chunks: int | None = None,
     ) -> None:
         self.config = config
-        self.keep_latents = keep_latents  # DecodedChunk.latents holds x0 (tests, re-encoding)
         self.models = models if models is not None else load_models(config)
         self.device = self.models.dit.device
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the VAE's 3-D convolutions see a few fixed shapes
         self.dtype = DTYPES[config.dtype]
-        args = (self.models.dit, config.latent_size, config.chunk_frames, config.sink_frames, config.window_frames)
-        if executor == "streambatch":
-            self.executor: Executor = StreamBatchExecutor(*args)
-        elif executor == "sequential":
-            self.executor = SequentialExecutor(*args)
-        else:
-            raise ValueError(f"executor={executor!r} is not allowed: 'streambatch' or 'sequential'")
+        self.executor = executor if executor is not None else local_executor(config, self.models)
+        self.timer = self.executor.timer
         self.scheduler = Scheduler(config)
-        self.sessions: dict[str, _Session] = {}
+        self.dispatch = Dispatcher(self.executor.capacity)
+        self.sessions: dict[str, SessionState] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self._work: TickWork | None = None  # the tick being issued
+        self._out: dict[tuple[int, int], _Out] = {}  # micro-batches out, by (tick, index)
         # v2v input chunks a session may have waiting to enter: a file source can run ahead (default
         # 2 steps' worth); a live source keeps it small so that waiting input never builds latency.
-        self._max_pending_chunks = max_input_chunks or 2 * config.steps
-
-    # ---- sessions -------------------------------------------------------------------------
-
-    def open_session(self, params: UserParams | dict[str, Any] | None = None, mode: str = "t2v") -> str:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not allowed: one of {MODES}")
-        if isinstance(params, dict):
-            params = UserParams().updated(params)
-        params = params or UserParams()
-        with self._lock:
-            if len(self.sessions) >= self.config.max_sessions:
-                raise SessionLimitError(f"the engine serves its limit of {self.config.max_sessions} sessions")
-            sid = f"s{next(self._ids)}"
-            kv = self._new_kv()
-            self.sessions[sid] = _Session(SessionWindow(sid, mode, params, kv), self.models.vae.new_stream())
-            return sid
-
-    def _new_kv(self) -> KVWindow:
-        cfg, dit = self.config, self.models.dit
-        return KVWindow(
-            blocks=range(dit.num_blocks),
-            sink=cfg.sink_frames,
-            window=cfg.window_frames,
-            in_flight_frames=(cfg.steps + 1) * cfg.chunk_frames,
-            tokens_per_frame=cfg.tokens_per_frame,
-            heads=dit.heads,
-            head_dim=dit.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-        )
-
-    def close_session(self, session_id: str) -> None:
-        with self._lock:
-            self.sessions.pop(session_id, None)
-
-    def _get(self, session_id: str) -> _Session:
-        try:
-            return self.sessions[session_id]
-        except KeyError:
-            raise KeyError(f"session_id={session_id!r} is not open") from None
-
-    def kv_bytes(self, session_id: str) -> int:
-        with self._lock:
-            return self._get(session_id).window.kv.nbytes
-
-    # ---- user input -----------------------------------------------------------------------
+        self._max_input_chunks = max_input_chunks or 2 * config.steps
 
     @property
     def pipeline_depth(self) -> int:
-        """Chunks a t2v session has in flight when its pipeline is full (see ``Scheduler.depth``): a
-        caller that keeps fewer than this asked for and not yet taken leaves part of every tick idle."""
-        return self.scheduler.depth
+        """Chunks a t2v session has on their way when its pipeline is full: denoising (see
+        ``Scheduler.depth``), and one in the decode phase when that runs beside the DiT. A caller that
+        keeps fewer than this asked for and not yet taken leaves part of every tick idle."""
+        return self.scheduler.depth + self.executor.decode_depth
 
-    def request(self, session_id: str, chunks: int = 1) -> None:
-        """t2v: ask for ``chunks`` more chunks."""
+    def close(self) -> None:
+        """Stop the executor (the decode thread, the stages)."""
+        self.executor.close()
+
+    # ---- commands -----------------------------------------------------------------------------
+
+    @overload
+    def apply(self, command: Open) -> Opened: ...
+    @overload
+    def apply(self, command: Close) -> Closed: ...
+    @overload
+    def apply(self, command: Demand | Query) -> SessionStatus: ...
+    @overload
+    def apply(self, command: Submit) -> Submitted: ...
+    @overload
+    def apply(self, command: SetParams) -> ParamsSet: ...
+    @overload
+    def apply(self, command: Cut) -> CutDone: ...
+
+    def apply(self, command: Command) -> Result:
+        """Apply one command between ticks; its typed result. Bad input raises ValueError/KeyError
+        naming the field and the value, and changes nothing."""
         with self._lock:
-            s = self._get(session_id)
-            if s.window.mode != "t2v":
-                raise ValueError(f"session {session_id!r} is v2v: give it frames with submit()")
-            s.window.demand += chunks
+            match command:
+                case Open():
+                    return self._open(command)
+                case Close(session_id=sid):
+                    if self.sessions.pop(sid, None) is not None:
+                        self.executor.control(Control(closed=(sid,)))
+                    return Closed(sid)
+                case Demand(session_id=sid, chunks=chunks, exact=exact):
+                    s = self._get(sid, "t2v")
+                    s.demand = max(0, chunks) if exact else s.demand + chunks
+                    return self.status(s)
+                case Submit():
+                    return self._submit(command)
+                case SetParams(session_id=sid, changes=changes):
+                    s = self._get(sid)
+                    s.params = s.params.updated(dict(changes))
+                    return ParamsSet(s.params)
+                case Cut(session_id=sid, demand=demand):
+                    s = self._get(sid)
+                    self.scheduler.cut(s)
+                    self.executor.control(Control(epochs=((sid, s.epoch),)))
+                    if demand is not None and s.mode == "t2v":
+                        s.demand = max(0, demand)
+                    return CutDone(s.epoch, s.next_chunk_index, self.status(s))
+                case Query(session_id=sid):
+                    return self.status(self._get(sid))
+        raise TypeError(f"command={command!r} is not allowed: one of {Command}")
 
-    def set_demand(self, session_id: str, chunks: int) -> None:
-        """t2v: ask for exactly ``chunks`` chunks not yet started (after a cut, say)."""
-        with self._lock:
-            s = self._get(session_id)
-            if s.window.mode != "t2v":
-                raise ValueError(f"session {session_id!r} is v2v: give it frames with submit()")
-            s.window.demand = max(0, chunks)
+    def _open(self, command: Open) -> Opened:
+        if command.mode not in MODES:
+            raise ValueError(f"mode={command.mode!r} is not allowed: one of {MODES}")
+        params = command.params
+        if not isinstance(params, UserParams):
+            raise TypeError(f"params={params!r} is not allowed: UserParams (UserParams().updated(d) checks a dict)")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise SessionLimitError(f"the engine serves its limit of {self.config.max_sessions} sessions")
+        sid = f"s{next(self._ids)}"
+        intake = None
+        if command.mode == "v2v":
+            vae = self.models.vae
+            intake = Intake(vae, self.config.frames_for_chunk, self._max_input_chunks, self.device, self.dtype)
+        s = self.sessions[sid] = SessionState(sid, command.mode, params, intake=intake)
+        return Opened(sid, self.status(s))
 
-    def progress(self, session_id: str) -> SessionProgress:
-        """Where the session stands: the next chunk's first video frame, demand, chunks in flight."""
-        with self._lock:
-            w = self._get(session_id).window
-            in_flight = sum(1 for c in w.in_flight if not c.clean)
-            return SessionProgress(w.next_video_frame, w.demand, in_flight, len(w.in_flight), w.epoch)
+    def _submit(self, command: Submit) -> Submitted:
+        s = self._get(command.session_id, "v2v")
+        frames = command.frames
+        want = (self.config.height, self.config.width, 3)
+        if frames.ndim != 4 or tuple(frames.shape[1:]) != want or frames.dtype != np.uint8:
+            raise ValueError(
+                f"frames of shape {tuple(frames.shape)} and dtype {frames.dtype} are not allowed: "
+                f"uint8 [N, {want[0]}, {want[1]}, 3]"
+            )
+        if len(command.arrived) != len(frames):
+            raise ValueError(f"arrived has {len(command.arrived)} times for {len(frames)} frames: one per frame")
+        assert s.intake is not None
+        taken = s.intake.add(frames, command.arrived)
+        return Submitted(taken, self.status(s))
 
-    def next_chunk_index(self, session_id: str) -> int:
-        with self._lock:
-            return self._get(session_id).window.next_chunk_index
+    def _get(self, session_id: str, mode: str | None = None) -> SessionState:
+        try:
+            s = self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"session_id={session_id!r} is not open") from None
+        if mode is not None and s.mode != mode:
+            other = "give it frames with Submit" if s.mode == "v2v" else "ask for chunks with Demand"
+            raise ValueError(f"session {session_id!r} is {s.mode}: {other}")
+        return s
 
-    def _backlog(self, s: _Session) -> tuple[int, int, int]:
-        """(input chunks waiting, frames missing for the next one, frames of it already there):
-        encoded chunks plus complete chunks among the pending frames; an epoch's first chunk
-        takes 3 fewer frames."""
-        pending, first = len(s.pending_frames), s.vae.frames_encoded == 0
-        waiting = len(s.window.inputs)
-        while pending >= (need := self.config.frames_for_chunk(first)):
-            pending, first, waiting = pending - need, False, waiting + 1
-        return waiting, need - pending, pending
+    def status(self, s: SessionState) -> SessionStatus:
+        return SessionStatus(
+            session_id=s.session_id,
+            mode=s.mode,
+            epoch=s.epoch,
+            next_chunk_index=s.next_chunk_index,
+            next_video_frame=s.next_video_frame,
+            demand=s.demand,
+            denoising=sum(1 for c in s.in_flight if not c.clean),
+            in_flight=len(s.in_flight),
+            undelivered=s.undelivered,
+            input=s.intake.need() if s.intake is not None else NO_INPUT,
+            params=s.params,
+        )
 
-    def partial_input(self, session_id: str) -> int:
-        """v2v: frames waiting that do not make a whole chunk yet."""
-        with self._lock:
-            return self._backlog(self._get(session_id))[2]
-
-    def frames_needed(self, session_id: str) -> int:
-        """v2v: frames still missing before the next input chunk is complete."""
-        with self._lock:
-            return self._backlog(self._get(session_id))[1]
-
-    def wants_frames(self, session_id: str) -> int:
-        """v2v: frames to submit now (those completing the next chunk), 0 while enough input waits."""
-        with self._lock:
-            waiting, missing, _ = self._backlog(self._get(session_id))
-            return missing if waiting < self._max_pending_chunks else 0
-
-    def submit(self, session_id: str, frames: np.ndarray) -> bool:
-        """v2v: frames uint8 [N, H, W, 3] at the system's size. False (nothing taken) while the
-        session already has enough input waiting: the caller decides what to drop."""
-        with self._lock:
-            s = self._get(session_id)
-            if s.window.mode != "v2v":
-                raise ValueError(f"session {session_id!r} is t2v: ask for chunks with request()")
-            want = (self.config.height, self.config.width, 3)
-            if frames.ndim != 4 or tuple(frames.shape[1:]) != want or frames.dtype != np.uint8:
-                raise ValueError(
-                    f"frames of shape {tuple(frames.shape)} and dtype {frames.dtype} are not allowed: "
-                    f"uint8 [N, {want[0]}, {want[1]}, 3]"
-                )
-            if self._backlog(s)[0] >= self._max_pending_chunks:
-                return False
-            s.pending_frames.extend(frames)
-            return True
-
-    def update_params(self, session_id: str, **changes: Any) -> UserParams:
-        """Soft change: chunks started from now on use the new params; in-flight ones keep theirs."""
-        with self._lock:
-            s = self._get(session_id)
-            s.window.params = s.window.params.updated(changes)
-            return s.window.params
-
-    def cut(self, session_id: str) -> int:
-        """Hard cut: drop everything of the current epoch (chunks in flight, input waiting, KV window,
-        VAE caches); the next chunk starts with an empty context. Returns the new epoch."""
-        with self._lock:
-            s = self._get(session_id)
-            w = s.window
-            dropped = [c for c in w.in_flight if not c.clean]  # clean ones were already decoded
-            if dropped:  # their frames never appear: keep the output timeline gapless
-                w.next_video_frame = min(c.envelope.video_frame for c in dropped)
-            w.epoch += 1
-            w.in_flight.clear()
-            w.inputs.clear()
-            w.next_frame = 0
-            w.kv.reset()
-            s.vae = self.models.vae.new_stream()
-            s.pending_frames.clear()
-            return w.epoch
-
-    # ---- the tick -------------------------------------------------------------------------
+    # ---- the tick -----------------------------------------------------------------------------
 
     def has_work(self) -> bool:
+        """Something is in flight, waiting to start, or being decoded."""
         with self._lock:
-            return any(
-                s.window.in_flight or s.window.has_input() or len(s.pending_frames) >= self._frames_needed(s)
-                for s in self.sessions.values()
+            return (
+                self._work is not None
+                or bool(self._out)
+                or self.executor.pending() > 0
+                or any(
+                    s.in_flight or s.has_input() or (s.intake is not None and s.intake.ready())
+                    for s in self.sessions.values()
+                )
             )
 
-    def _frames_needed(self, s: _Session) -> int:
-        return self.config.frames_for_chunk(s.vae.frames_encoded == 0)
-
-    def _encode_inputs(self) -> None:
-        for s in self.sessions.values():
-            while (
-                len(s.pending_frames) >= (n := self._frames_needed(s))
-                and len(s.window.inputs) < self._max_pending_chunks
-            ):
-                frames = np.stack(s.pending_frames[:n])
-                del s.pending_frames[:n]
-                video = frames_to_tensor(frames, self.device, self.models.vae.vae.dtype)
-                s.window.inputs.append(self.models.vae.encode(s.vae, video)[0].to(self.dtype))  # [C, F, h, w]
-
     def step(self) -> list[DecodedChunk]:
-        """One tick: schedule all sessions, run every slot, fold results back, decode what left."""
+        """One tick: intake, then the next tick planned, committed and issued whole, each micro-batch
+        as soon as its inputs are back; returns the chunks decoded since the last call. Commands come
+        between steps, so never inside a tick."""
         with self._lock:
             t0 = time.perf_counter()
-            self._encode_inputs()
-            windows = [s.window for s in self.sessions.values()]
-            plan = self.scheduler.schedule(self.stats.ticks, windows)
-            if not plan.slots:
-                return []
-            chunks = self._admit(plan)
-            inputs = self._inputs(plan, chunks)
-            finished = self._update(plan, chunks, inputs, self.executor.run(inputs))
-            out = [self._decode(c) for c in finished]
-            self.stats.ticks += 1
-            self.stats.slots += len(plan.slots)
-            self.stats.chunks_out += len(out)
-            self.stats.frames_out += sum(c.num_frames for c in out)
+            self._intake()
+            out = self._take(self.executor.poll(0.0))
+            if not self._commit():
+                return out + self._take(self.executor.poll(WAIT_S if self.executor.pending() else 0.0))
+            while self._work is not None:
+                if not self._issue():
+                    out += self._take(self.executor.poll(WAIT_S))  # its inputs are on their way back
+            out += self._take(self.executor.poll(0.0))
             self.stats.tick_seconds.append(time.perf_counter() - t0)
             return out
 
-    def _admit(self, plan: TickPlan) -> list[ChunkState]:
-        """The chunk of every slot; admitted chunks enter their window here with their first x."""
-        chunks = []
-        for slot in plan.slots:
-            w = self.sessions[slot.envelope.session_id].window
-            if slot.admit:
-                chunks.append(self._enter(w, slot))
-            else:
-                chunks.append(next(c for c in w.in_flight if c.envelope == slot.envelope))
-        return chunks
+    def _intake(self) -> None:
+        for s in self.sessions.values():
+            if s.intake is not None and s.intake.ready():
+                with self.timer.phase("encode"):
+                    s.intake.encode()
 
-    def _enter(self, w: SessionWindow, slot: Slot) -> ChunkState:
+    def _commit(self) -> bool:
+        """Plan the next tick and commit it (the structural half of the update step)."""
+        plan = self.scheduler.schedule(self.stats.ticks, list(self.sessions.values()))
+        if not plan.slots:
+            return False
+        chunks = self.scheduler.commit(plan, self.sessions, self._enter)
+        self._work = TickWork(plan, chunks, self.executor.split(plan))
+        self.stats.ticks += 1
+        self.stats.slots += len(plan.slots)
+        return True
+
+    def _enter(self, s: SessionState, slot: Slot) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
+        """An admitted chunk's first input: noise (t2v), or its input chunk noised to its first σ (v2v)."""
         env = slot.envelope
         shape = (self.config.model.latent_channels, self.config.chunk_frames, *self.config.latent_size)
         noise = chunk_noise(env.params.seed, env.epoch, env.chunk_index, 0, shape, self.dtype, self.device)
-        if w.mode == "v2v":
-            x = self._noised(w.inputs.pop(0), slot.sigma, noise)
-        else:
-            w.demand -= 1
-            x = noise
         text = self.models.text(env.params.prompt).to(self.dtype)
-        chunk = ChunkState(env, slot.sigmas, 0, x, text, scheduled_at=time.monotonic())
-        w.in_flight.append(chunk)
-        w.next_chunk_index += 1
-        w.next_frame += self.config.chunk_frames
-        w.next_video_frame += env.num_frames
-        return chunk
+        if s.intake is None:
+            return noise, text, ()
+        chunk = s.intake.take()
+        return self.models.sampler.noised(chunk.latents, slot.sigma, noise), text, chunk.arrived
 
-    def _inputs(self, plan: TickPlan, chunks: list[ChunkState]) -> SlotInputs:
-        return SlotInputs(
-            slots=list(plan.slots),
-            windows=[self.sessions[s.envelope.session_id].window.kv for s in plan.slots],
-            x=torch.stack([c.x for c in chunks]),
-            sigma=torch.tensor([s.sigma for s in plan.slots], dtype=torch.float32, device=self.device),
-            text=torch.stack([c.text for c in chunks]),
-        )
+    def _issue(self) -> bool:
+        """Issue the micro-batches of the current tick whose inputs are here; True if any went."""
+        work = self._work
+        assert work is not None
+        issued = False
+        while (m := self.dispatch.next(work, _ready)) is not None:
+            group = work.groups[m]
+            chunks: list[ChunkState] = [work.chunks[i] for i in group]
+            slots = tuple(work.plan.slots[i] for i in group)
+            x = torch.stack([c.x for c in chunks])  # type: ignore[misc]  # every one is ready
+            for c in chunks:
+                c.x = None  # on its way: its next input comes with the result
+            sigma = torch.tensor([s.sigma for s in slots], dtype=torch.float32, device=self.device)
+            text = torch.stack([c.text for c in chunks])
+            timing = tuple((c.scheduled_at, c.arrived) for c in chunks)
+            last = all(work.issued[k] or k == m for k in range(len(work.groups)))
+            mb = MicroBatch(work.plan.tick, m, slots, not any(work.issued), last, timing)
+            self.dispatch.issued(work, m)
+            self._out[(mb.tick, m)] = _Out(work, m, x, sigma)
+            self.executor.submit(mb, Activations(x=x, sigma=sigma, text=text))
+            issued = True
+        if work.done:
+            self._work = None
+        return issued
 
-    def _update(
-        self, plan: TickPlan, chunks: list[ChunkState], inputs: SlotInputs, velocity: torch.Tensor
-    ) -> list[ChunkState]:
-        """Move results back: x0 -> next σ with fresh noise; clean chunks leave (their σ=0 write
-        comes next tick); chunks whose σ=0 write ran are done."""
-        finished = []
-        x0 = to_x0(inputs.x, inputs.sigma, velocity)
-        for i, (slot, c) in enumerate(zip(plan.slots, chunks, strict=True)):
-            w = self.sessions[slot.envelope.session_id].window
-            if slot.is_write:
-                w.in_flight.remove(c)
+    def _take(self, events: list[Any]) -> list[DecodedChunk]:
+        """Fold results back into their chunks (the value half of the update step); keep decoded
+        chunks of current epochs, in order, and count them out."""
+        out = []
+        for event in events:
+            if isinstance(event, Velocity):
+                self._fold(event)
                 continue
-            env = c.envelope
-            c.step += 1
-            if c.clean:
-                c.x = x0[i]
-                finished.append(c)
-            else:
-                shape = tuple(c.x.shape)
-                noise = chunk_noise(env.params.seed, env.epoch, env.chunk_index, c.step, shape, self.dtype, self.device)
-                c.x = self._noised(x0[i], c.sigmas[c.step], noise)
-        return finished
+            env = event.envelope
+            s = self.sessions.get(env.session_id)
+            if s is None or env.stale(s.epoch):
+                continue  # closed, or cut since: its frames never appear
+            self.scheduler.delivered(s, env)
+            self.stats.chunks_out += 1
+            self.stats.frames_out += event.num_frames
+            out.append(event)
+        return out
 
-    def _noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
-        """x_σ; a passthrough model's latents are left as they are (its denoiser is the identity)."""
-        return x0 if self.config.model.kind == "passthrough" else add_noise(x0, sigma, noise)
+    def _fold(self, result: Velocity) -> None:
+        done = self._out.pop((result.tick, result.index))
+        self.dispatch.returned()
+        group = done.work.groups[done.index]
+        for j, i in enumerate(group):
+            slot, chunk = done.work.plan.slots[i], done.work.chunks[i]
+            s = self.sessions.get(slot.envelope.session_id)
+            if s is None or slot.envelope.stale(s.epoch):
+                continue
+            fold(chunk, slot, done.x[j], done.sigma[j : j + 1], result.velocity[j], self.models.sampler)
 
-    def _decode(self, c: ChunkState) -> DecodedChunk:
-        s = self.sessions[c.envelope.session_id]
-        vae = self.models.vae
-        video = vae.decode(s.vae, c.x.unsqueeze(0).to(vae.vae.dtype))  # [1, 3, N, H, W]
-        frames = tensor_to_frames(video)
-        env = c.envelope
-        if frames.shape[0] != env.num_frames:
-            raise RuntimeError(f"chunk {env.key} decoded to {frames.shape[0]} frames, expected {env.num_frames}")
-        pts = tuple((env.video_frame + k) * PTS_CLOCK // self.config.fps for k in range(env.num_frames))
-        latents = c.x.detach().cpu() if self.keep_latents else None
-        return DecodedChunk(envelope=env, frames=frames, pts=pts, latents=latents, scheduled_at=c.scheduled_at)
+
+def _ready(chunk: ChunkState) -> bool:
+    return chunk.ready

@@ -1,156 +1,157 @@
-"""Executors run the slots of a :class:`~pipeline.scheduler.TickPlan`; they decide nothing.
+"""Executors run the micro-batches the engine issues; they decide nothing (DESIGN §6).
 
-- :class:`StreamBatchExecutor`: every slot of the tick, from every session, in one batched
-  forward. Within each block all slots read the KV window before any writes, so every slot sees
-  the window as it stood at the end of the previous tick, as the visibility rule asks.
-- :class:`SequentialExecutor`: one forward per slot with the writes held back until the tick ends:
-  the same rule applied one slot at a time (the benchmark's baseline).
+An executor is handed to the engine as an instance. It says how a tick's slots are split into
+micro-batches (:meth:`Executor.split`), takes them (:meth:`Executor.submit`) and hands back events
+(:meth:`Executor.poll`): each micro-batch's velocity, and decoded chunks from the decode phase.
+
+- :class:`LocalExecutor`: every stage in this process, one :class:`~pipeline.stages.stage.Stage` that
+  owns every block. ``batching="tick"`` is the StreamBatch: every slot of the tick, from every
+  session, in one batched forward. ``batching="slot"`` is the sequential baseline: one forward per
+  slot, the same visibility rule (writes held back to the tick's end).
+- :class:`pipeline.stages.ring.RingExecutor`: the blocks spread over S processes in a ring.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from pipeline.models.causal_wan import AttnBatch, Denoiser, apply_rope
-from pipeline.scheduler import Slot
-from pipeline.window import KVWindow, sink_shift
+from pipeline.config import SystemConfig
+from pipeline.decode import DecodePhase
+from pipeline.models.loader import Models
+from pipeline.scheduler import Slot, TickPlan
+from pipeline.stages.stage import Activations, Control, MicroBatch, Stage
+from pipeline.stats import PhaseTimer
+from pipeline.types import DecodedChunk
+
+BATCHINGS = ("tick", "slot", "step")
 
 
-@dataclass
-class SlotInputs:
-    """Tensors of B slots, on the model's device."""
+@dataclass(frozen=True)
+class Velocity:
+    """A micro-batch's result."""
 
-    slots: list[Slot]
-    windows: list[KVWindow]  # the KV window of each slot's session
-    x: torch.Tensor  # [B, C, F, h, w] model dtype: x at each slot's σ
-    sigma: torch.Tensor  # [B] float32
-    text: torch.Tensor  # [B, text_len, text_dim]
-
-    def select(self, i: int) -> SlotInputs:
-        return SlotInputs(
-            [self.slots[i]], [self.windows[i]], self.x[i : i + 1], self.sigma[i : i + 1], self.text[i : i + 1]
-        )
+    tick: int
+    index: int
+    velocity: torch.Tensor  # [B, C, F, h, w] on the engine's device
 
 
-class WindowKV:
-    """The KV windows of a batch of slots, seen as one padded batch per block."""
-
-    def __init__(self, windows: list[KVWindow], slots: list[Slot], chunk_frames: int, defer: bool) -> None:
-        device = windows[0].k.device
-        self.windows = windows
-        self.defer = defer
-        # sink frames lead each slot's context; turned forward by each slot's sink_shift at read
-        self.sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.sink_tokens = windows[0].sink * windows[0].k.shape[2]
-        self.pending: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor]] = []
-        self.read_runs = []
-        self.write_frames = []
-        for w, s in zip(windows, slots, strict=True):
-            if not w.holds(s.context):
-                missing = [f for f in s.context if w.held[w.position(f)] != f]
-                raise RuntimeError(f"slot {s.envelope.key}@{s.step} reads frames {missing} not in its KV window")
-            self.read_runs.append(w.runs(s.context))
-            self.write_frames.append(range(s.envelope.frame_start, s.envelope.frame_start + chunk_frames))
-        self.device = device
-        tpf = windows[0].k.shape[2]
-        self.lengths = [len(s.context) * tpf for s in slots]
-        self.max_len = max(self.lengths)
-
-    def exchange(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather every slot's context straight into one [B, Lc + L, H, D] buffer (padding zeroed,
-        own tokens last), then record the slots' own keys/values."""
-        b, own, heads, dim = k.shape
-        keys = k.new_empty(b, self.max_len + own, heads, dim)
-        values = v.new_empty(b, self.max_len + own, heads, dim)
-        for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths, strict=True)):
-            w.gather_into(block, runs, keys[i, :n], values[i, :n])
-            if n < self.max_len:
-                keys[i, n : self.max_len] = 0
-                values[i, n : self.max_len] = 0
-        keys[:, self.max_len :] = k
-        values[:, self.max_len :] = v
-        if self.sink_rotation is not None:
-            keys[:, : self.sink_tokens] = apply_rope(keys[:, : self.sink_tokens], self.sink_rotation)
-        for i, (w, frames) in enumerate(zip(self.windows, self.write_frames, strict=True)):
-            if self.defer:
-                self.pending.append((w, block, frames, k[i], v[i]))
-            else:
-                w.scatter(block, frames, k[i], v[i])
-        return keys, values
-
-    def flush(self) -> None:
-        for w, block, frames, k, v in self.pending:
-            w.scatter(block, frames, k, v)
-        self.pending.clear()
-
-    def mask(self, own_tokens: int) -> torch.Tensor | None:
-        """Key-padding mask [B, 1, 1, Lc + L], or None when no slot is padded."""
-        if all(n == self.max_len for n in self.lengths):
-            return None
-        lengths = torch.tensor(self.lengths, device=self.device)
-        ctx_ok = torch.arange(self.max_len, device=lengths.device)[None, :] < lengths[:, None]
-        own_ok = torch.ones(len(self.lengths), own_tokens, dtype=torch.bool, device=lengths.device)
-        return torch.cat([ctx_ok, own_ok], dim=1)[:, None, None, :]
-
-
-def attn_batch(
-    model: Denoiser,
-    kv: WindowKV,
-    slots: list[Slot],
-    latent_hw: tuple[int, int],
-    chunk_frames: int,
-    sink: int,
-    window: int,
-) -> AttnBatch:
-    """RoPE of the slots' own frames (absolute positions), the sink turn of each slot, the mask."""
-    grid = model.grid(latent_hw)
-    starts = [s.envelope.frame_start for s in slots]
-    own = torch.tensor([list(range(f, f + chunk_frames)) for f in starts], dtype=torch.long)
-    shifts = [sink_shift(f, sink, window) for f in starts]
-    if sink and any(shifts):
-        kv.sink_rotation = model.time_shift(torch.tensor(shifts, dtype=torch.long))
-    own_tokens = chunk_frames * grid[0] * grid[1]
-    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=kv.mask(own_tokens))
+Event = Velocity | DecodedChunk
 
 
 class Executor(Protocol):
-    def run(self, inputs: SlotInputs) -> torch.Tensor:
-        """Velocity of every slot: [B, C, F, h, w]; writes each slot's keys/values."""
+    stages: int  # stages the blocks are spread over
+    capacity: int  # micro-batches it takes in flight at once
+    timer: PhaseTimer  # where its phases are timed (the DiT, the decode)
+    decode_depth: int  # chunks a session has in its decode phase when the pipeline is full (0: decoded in the tick)
+
+    def split(self, plan: TickPlan) -> list[tuple[int, ...]]:
+        """The tick's micro-batches: indices into ``plan.slots``, in the order to issue them."""
         ...
 
+    def submit(self, mb: MicroBatch, act: Activations) -> None: ...
 
-class _Base:
-    def __init__(self, model: Denoiser, latent_hw: tuple[int, int], chunk_frames: int, sink: int, window: int) -> None:
-        self.model = model
-        self.latent_hw = latent_hw
-        self.chunk_frames = chunk_frames
-        self.sink = sink
-        self.window = window
+    def control(self, control: Control) -> None:
+        """Session changes (a cut, a close): applied by every stage before any later micro-batch."""
+        ...
 
-    def _forward(self, inputs: SlotInputs, defer: bool) -> tuple[torch.Tensor, WindowKV]:
-        kv = WindowKV(inputs.windows, inputs.slots, self.chunk_frames, defer)
-        batch = attn_batch(self.model, kv, inputs.slots, self.latent_hw, self.chunk_frames, self.sink, self.window)
-        return self.model(inputs.x, inputs.sigma, inputs.text, batch), kv
+    def poll(self, timeout: float) -> list[Event]:
+        """Events so far; waits up to ``timeout`` seconds for one when none is there and work is out."""
+        ...
 
+    def pending(self) -> int:
+        """Micro-batches and decodes given and not yet handed back."""
+        ...
 
-class StreamBatchExecutor(_Base):
-    @torch.no_grad()
-    def run(self, inputs: SlotInputs) -> torch.Tensor:
-        velocity, _ = self._forward(inputs, defer=False)
-        return velocity
+    def close(self) -> None: ...
 
 
-class SequentialExecutor(_Base):
-    @torch.no_grad()
-    def run(self, inputs: SlotInputs) -> torch.Tensor:
-        outs, kvs = [], []
-        for i in range(len(inputs.slots)):
-            velocity, kv = self._forward(inputs.select(i), defer=True)
-            outs.append(velocity)
-            kvs.append(kv)
-        for kv in kvs:
-            kv.flush()
-        return torch.cat(outs)
+def split_slots(slots: tuple[Slot, ...], batching: str, stages: int = 1) -> list[tuple[int, ...]]:
+    """Micro-batches of a tick, as indices into ``slots``.
+
+    - ``tick``: one micro-batch, the whole StreamBatch;
+    - ``slot``: one per slot;
+    - ``step``: one per step level, all sessions together, so that a ring of stages has T+1 independent
+      micro-batches per tick; where that is fewer than ``stages``, step levels are split by session.
+    """
+    if batching == "tick":
+        return [tuple(range(len(slots)))] if slots else []
+    if batching == "slot":
+        return [(i,) for i in range(len(slots))]
+    if batching != "step":
+        raise ValueError(f"batching={batching!r} is not allowed: one of {BATCHINGS}")
+    by_step: dict[int, list[int]] = {}
+    for i, s in enumerate(slots):
+        by_step.setdefault(s.step, []).append(i)
+    groups = [tuple(g) for _, g in sorted(by_step.items())]
+    if len(groups) < stages:
+        groups = [
+            tuple(i for i in g if slots[i].envelope.session_id == sid)
+            for g in groups
+            for sid in dict.fromkeys(slots[i].envelope.session_id for i in g)
+        ]
+    return groups
+
+
+class LocalExecutor:
+    """The one-stage case: the stage runs each micro-batch at once, in this thread."""
+
+    stages = 1
+    capacity = 1 << 30  # nothing to bound: a micro-batch is done when submit returns
+
+    def __init__(self, stage: Stage, batching: str = "tick") -> None:
+        if not (stage.first and stage.last):
+            raise ValueError(f"a local executor runs every block; stage {stage.blocks} is not all of them")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching={batching!r} is not allowed: one of {BATCHINGS}")
+        self.stage = stage
+        self.batching = batching
+        self.timer = stage.timer
+        assert stage.decoder is not None
+        self.decoder: DecodePhase = stage.decoder
+        self.decode_depth = 1 if self.decoder.threaded else 0
+        self._results: deque[Velocity] = deque()
+
+    def split(self, plan: TickPlan) -> list[tuple[int, ...]]:
+        return split_slots(plan.slots, self.batching)
+
+    def submit(self, mb: MicroBatch, act: Activations) -> None:
+        out = self.stage.run(mb, act)
+        assert out.velocity is not None
+        self._results.append(Velocity(mb.tick, mb.index, out.velocity))
+
+    def control(self, control: Control) -> None:
+        self.stage.apply(control)  # in one process nothing is on its way: at once is in order
+
+    def poll(self, timeout: float) -> list[Event]:
+        events: list[Event] = list(self._results)
+        self._results.clear()
+        events += self.decoder.take(0.0 if events else timeout)
+        return events
+
+    def pending(self) -> int:
+        return len(self._results) + self.decoder.pending
+
+    def close(self) -> None:
+        self.decoder.stop()
+
+
+def local_executor(
+    config: SystemConfig,
+    models: Models,
+    batching: str = "tick",
+    threaded_decode: bool | None = None,
+    keep_latents: bool = False,
+    decode_bound: int | None = None,
+) -> LocalExecutor:
+    """The model in this process: StreamBatch (``tick``) or sequential (``slot``) micro-batches, the
+    decode phase in its own thread (``threaded_decode``; None: as the config says) or inline."""
+    timer = PhaseTimer(models.dit.device.type)
+    bound = decode_bound or max(2, config.max_sessions)
+    threaded = config.threaded_decode if threaded_decode is None else threaded_decode
+    decoder = DecodePhase(models.vae, config.fps, bound, threaded, keep_latents, timer)
+    stage = Stage(models.dit, config, range(models.dit.num_blocks), models.sampler, decoder, timer)
+    return LocalExecutor(stage, batching)

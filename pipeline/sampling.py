@@ -88,3 +88,22 @@ def chunk_noise(
     """Fresh Gaussian noise ε for chunk ``chunk_index`` entering ``step``: same inputs, same bits."""
     g = torch.Generator(device="cpu").manual_seed(noise_seed(seed, epoch, chunk_index, step))
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+class FlowSampler:
+    """The update rule between steps, as a collaborator the model's loader picks (no model-kind branch in
+    the engine): ``x0 = x_σ − σ·v``, then the next step's input ``x_σ' = (1−σ')·x0 + σ'·ε'``."""
+
+    def x0(self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        return to_x0(x, sigma, velocity)
+
+    def noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+        return add_noise(x0, sigma, noise)
+
+
+class IdentitySampler(FlowSampler):
+    """The passthrough model's: latents are never noised (its denoiser is the identity, velocity 0), so
+    frames come out exactly as they went in."""
+
+    def noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+        return x0

@@ -52,6 +52,12 @@ class UserParams:
         return UserParams(**values)
 
 
+def stale(epoch: int, current: int) -> bool:
+    """The one rule every hop applies: anything of an older epoch than its session's current one is
+    dropped where it is met (DESIGN §5). Engine, decode phase, stages, bridge, session and track call it."""
+    return epoch < current
+
+
 @dataclass(frozen=True)
 class Envelope:
     """The identity that travels with a chunk through every hop."""
@@ -69,6 +75,9 @@ class Envelope:
     def key(self) -> tuple[str, int, int]:
         return (self.session_id, self.epoch, self.chunk_index)
 
+    def stale(self, current_epoch: int) -> bool:
+        return stale(self.epoch, current_epoch)
+
 
 @dataclass(frozen=True)
 class DecodedChunk:
@@ -79,6 +88,7 @@ class DecodedChunk:
     pts: tuple[int, ...]  # per frame, 90 kHz
     latents: Any = field(default=None, repr=False)  # x0 [C, F, h, w] torch tensor, when the engine keeps them
     scheduled_at: float = 0.0  # time.monotonic() when the chunk was scheduled (entered its window)
+    arrived: tuple[float, ...] = ()  # v2v: time.monotonic() each input frame arrived at ingress; t2v: ()
 
     @property
     def num_frames(self) -> int:

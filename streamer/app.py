@@ -196,6 +196,8 @@ async def health(request: web.Request) -> web.Response:
         "max_sessions": state.max_sessions,
         "free_slots": free,
     }
+    if state.bridge is not None and state.bridge.failure is not None:
+        body["error"] = state.bridge.failure  # e.g. which stage died
     return web.json_response(body, status=200 if ok else 503)
 
 

@@ -1,12 +1,14 @@
 """The bridge: the engine in its own thread, the event loop on the other side of bounded queues.
 
-The loop never waits on the model. Commands (open, close, request, submit, params, cut) go to the
+The loop never waits on the model. Commands (:mod:`pipeline.commands`: data, never closures) go to the
 worker through ``D_in``, a bounded queue: when it is full a caller's coroutine waits for room
-(backpressure) while the loop keeps running. Decoded chunks come back through ``D_out``: each
-session has a bounded asyncio queue that drops its oldest chunk when full (a v2v client that stopped
-reading: newest wins), and t2v sessions only ask the engine for as many chunks as their credits
-allow (:class:`Credits`), so the worker never blocks on a slow or vanished client and one session
-never holds up another. A command's result or error comes back through a future.
+(backpressure) while the loop keeps running; the worker applies them between ticks with
+``Engine.apply`` and the typed result (or the error) comes back through a future. Decoded chunks come
+back through ``D_out``: each session has a bounded asyncio queue that drops its oldest chunk when full
+(a v2v client that stopped reading: newest wins), and t2v sessions only ask the engine for as many
+chunks as their credits allow (:class:`Credits`; credits handed back coalesce into one ``Demand``
+command per session), so the worker never blocks on a slow or vanished client and one session never
+holds up another.
 """
 
 from __future__ import annotations
@@ -20,12 +22,27 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, overload
 
+from pipeline.commands import (
+    Close,
+    Closed,
+    Command,
+    Cut,
+    CutDone,
+    Demand,
+    Open,
+    Opened,
+    ParamsSet,
+    Query,
+    Result,
+    SessionStatus,
+    SetParams,
+    Submit,
+    Submitted,
+)
 from pipeline.engine import Engine
-from pipeline.types import DecodedChunk
-
-T = TypeVar("T")
+from pipeline.types import DecodedChunk, UserParams
 
 _STOP = object()
 _WAKE = object()  # wakes an idle engine thread: credits were given (at most one in D_in at a time)
@@ -104,6 +121,7 @@ class EngineBridge:
         self._grants_lock = threading.Lock()
         self._wake_queued = False  # a wake marker is in D_in: later grants ride on it
         self._epochs: dict[str, int] = {}  # each session's epoch: chunks of older ones give no credit back
+        self._cutting: set[str] = set()  # sessions whose cut is on its way to the engine
         self._room: asyncio.Semaphore | None = None
         self._outputs: dict[str, asyncio.Queue[DecodedChunk]] = {}
         self._credits: dict[str, Credits] = {}  # t2v sessions
@@ -130,6 +148,11 @@ class EngineBridge:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._failed is None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped, for /api/health (a stage that died, a bug), or None."""
+        return None if self._failed is None else f"{type(self._failed).__name__}: {self._failed}"
+
     def queue_depths(self) -> dict[str, Any]:
         return {
             "d_in": self._queued,
@@ -141,16 +164,29 @@ class EngineBridge:
 
     # ---- commands (loop side) -----------------------------------------------------------------
 
-    async def call(self, fn: Callable[[Engine], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread between ticks; its result or exception."""
+    @overload
+    async def apply(self, command: Open) -> Opened: ...
+    @overload
+    async def apply(self, command: Close) -> Closed: ...
+    @overload
+    async def apply(self, command: Demand | Query) -> SessionStatus: ...
+    @overload
+    async def apply(self, command: Submit) -> Submitted: ...
+    @overload
+    async def apply(self, command: SetParams) -> ParamsSet: ...
+    @overload
+    async def apply(self, command: Cut) -> CutDone: ...
+
+    async def apply(self, command: Command) -> Result:
+        """Apply ``command`` on the engine thread between ticks; its result, or its exception."""
         if self._loop is None or self._room is None:
             raise RuntimeError("EngineBridge.start() was not awaited")
         if self._failed is not None:
-            raise RuntimeError(f"the engine thread stopped: {self._failed!r}")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+            raise RuntimeError(f"the engine stopped: {self.failure}")
+        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         await self._room.acquire()  # D_in: wait for room without blocking the loop
         self._queued += 1
-        self._commands.put_nowait((fn, future))
+        self._commands.put_nowait((command, future))
         return await asyncio.wrap_future(future)
 
     def _grant(self, sid: str, chunks: int) -> None:
@@ -164,18 +200,20 @@ class EngineBridge:
             self._commands.put_nowait(_WAKE)
 
     def _apply_grants(self, woken: bool = False) -> None:
-        """Pass the credits given so far to the engine (``woken``: called for the wake marker)."""
+        """Pass the credits given so far to the engine, one Demand per session (``woken``: called for
+        the wake marker)."""
         with self._grants_lock:
             grants, self._grants = self._grants, {}
             if woken:
                 self._wake_queued = False
         for sid, chunks in grants.items():
             with contextlib.suppress(KeyError):  # closed meanwhile
-                self.engine.request(sid, chunks)
+                self.engine.apply(Demand(sid, chunks))
 
-    async def open_session(self, params: dict[str, Any], mode: str) -> str:
-        sid = await self.call(lambda e: e.open_session(params, mode))
-        self._epochs[sid] = 0
+    async def open_session(self, params: UserParams, mode: str) -> str:
+        opened = await self.apply(Open(params, mode))
+        sid = opened.session_id
+        self._epochs[sid] = opened.status.epoch
         if mode == "t2v":
             credits = self._credits[sid] = Credits(self.d_out, self.d_out + self.engine.pipeline_depth)
             # The credits bound what is asked for and not taken, so this never fills with the current
@@ -192,7 +230,7 @@ class EngineBridge:
         self._credits.pop(sid, None)
         self._epochs.pop(sid, None)
         with contextlib.suppress(RuntimeError, KeyError):
-            await self.call(lambda e: e.close_session(sid))
+            await self.apply(Close(sid))
 
     async def get_chunk(self, sid: str, timeout: float | None = None, lead: float = 0.0) -> DecodedChunk | None:
         """The session's next decoded chunk (in completion order), None after ``timeout`` seconds.
@@ -205,7 +243,7 @@ class EngineBridge:
         except TimeoutError:
             return None
         credits = self._credits.get(sid)
-        if credits is not None and chunk.envelope.epoch >= self._epochs.get(sid, 0):
+        if credits is not None and sid not in self._cutting and not chunk.envelope.stale(self._epochs.get(sid, 0)):
             starved = not waiting and time.monotonic() - asked > lead
             if more := credits.after_take(starved):
                 self._grant(sid, more)
@@ -217,24 +255,22 @@ class EngineBridge:
         return None if credits is None else credits.target
 
     async def cut(self, sid: str) -> tuple[int, int]:
-        """Hard cut: returns (new epoch, its first chunk index). Old-epoch chunks already queued are
-        dropped (they were delivered before the cut's answer: callbacks keep their order). A t2v
-        session's chunks in flight will never come, so its demand is set to its credits in the same
-        step as the cut, and old-epoch chunks taken from now on give no credit back."""
+        """Hard cut: returns (new epoch, its first chunk index), as the engine answered. Old-epoch chunks
+        already queued are dropped (they were delivered before the cut's answer: callbacks keep their
+        order). A t2v session's chunks in flight will never come, so its demand is set to its credits
+        in the same command; chunks taken while the cut is on its way, and old-epoch chunks taken after
+        it, give no credit back."""
         credits = self._credits.get(sid)
-        self._epochs[sid] = self._epochs.get(sid, 0) + 1  # Engine.cut moves the epoch on by one
+        self._cutting.add(sid)
         with self._grants_lock:
-            self._grants.pop(sid, None)  # the new demand below covers them
-
-        def cut(e: Engine) -> tuple[int, int]:
-            epoch = e.cut(sid)
-            if credits is not None:
-                e.set_demand(sid, credits.target)
-            return epoch, e.next_chunk_index(sid)
-
-        epoch, first = await self.call(cut)
-        self.drain(sid, keep=lambda c: c.envelope.epoch >= epoch)
-        return epoch, first
+            self._grants.pop(sid, None)  # the cut's demand covers them
+        try:
+            done = await self.apply(Cut(sid, demand=credits.target if credits is not None else None))
+        finally:
+            self._cutting.discard(sid)
+        self._epochs[sid] = done.epoch
+        self.drain(sid, keep=lambda c: not c.envelope.stale(done.epoch))
+        return done.epoch, done.first_chunk_index
 
     def drain(self, sid: str, keep: Callable[[DecodedChunk], bool]) -> int:
         """Drop queued chunks of ``sid`` that ``keep`` rejects (a cut); returns how many. They give
@@ -286,24 +322,37 @@ class EngineBridge:
                         item = self._next_command()
                         continue
                     loop.call_soon_threadsafe(self._release_room)
-                    fn, future = item
+                    command, future = item
                     if future.set_running_or_notify_cancel():
                         try:
-                            future.set_result(fn(self.engine))
+                            future.set_result(self.engine.apply(command))
                         except Exception as e:  # bad input reaches the caller, the engine goes on
                             future.set_exception(e)
                     self.stats.commands += 1
                     item = self._next_command()
                 if not self.engine.has_work():
                     continue
+                ticks = self.engine.stats.ticks
                 chunks = self.engine.step()
-                self.stats.ticks += 1
-                self.stats.tick_times.append(time.monotonic())
+                if self.engine.stats.ticks > ticks:
+                    self.stats.ticks += 1
+                    self.stats.tick_times.append(time.monotonic())
                 for chunk in chunks:
                     loop.call_soon_threadsafe(self._deliver, chunk)
-        except BaseException as e:  # a bug in the engine: every caller hears of it
+        except BaseException as e:  # a stage that died, or a bug: every caller hears of it
             self._failed = e
+            self._fail_waiting(e)
             raise
+        finally:
+            self.engine.close()
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        """Commands still in D_in get the engine's failure as their answer, not a wait for ever."""
+        while (item := self._next_command()) is not None:
+            if isinstance(item, tuple):
+                _, future = item
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError(f"the engine stopped: {error!r}"))
 
     def _deliver(self, chunk: DecodedChunk) -> None:
         out = self._outputs.get(chunk.envelope.session_id)

@@ -44,15 +44,16 @@ class Chunker:
             self.dropped += 1
         self._ready.set()
 
-    async def take(self, n: int) -> list[np.ndarray]:
-        """``n`` consecutive frames, the newest ones: waits until there are n, drops (and counts)
-        any older frames still waiting, so a lagging consumer skips ahead instead of falling behind."""
+    async def take(self, n: int) -> list[tuple[np.ndarray, float]]:
+        """``n`` consecutive frames, the newest ones, each with its arrival time: waits until there are
+        n, drops (and counts) any older frames still waiting, so a lagging consumer skips ahead instead
+        of falling behind."""
         while len(self._frames) < n:
             self._ready.clear()
             await self._ready.wait()
         while len(self._frames) > n:
             self._frames.popleft()
             self.dropped += 1
-        frames = [f for f, _ in self._frames]
+        frames = list(self._frames)
         self._frames.clear()
         return frames

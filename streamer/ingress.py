@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,10 @@ class VideoFileSource:
             yield first
         yield from self._frames
 
+    def timed(self) -> Iterator[tuple[np.ndarray, float]]:
+        """Each frame with the time it was read (a file has no other arrival)."""
+        return ((frame, time.monotonic()) for frame in self)
+
     def close(self) -> None:
         self._container.close()
 
@@ -121,7 +126,7 @@ class LiveSource:
         self.source = source
         self.path = source.path
         self.dropped = 0
-        self._frames: deque[np.ndarray] = deque()
+        self._frames: deque[tuple[np.ndarray, float]] = deque()  # each with the time the reader got it
         self._max = max_frames
         self._cond = threading.Condition()
         self._ended = False
@@ -136,7 +141,7 @@ class LiveSource:
                 if self._stop:
                     break
                 with self._cond:
-                    self._frames.append(frame)
+                    self._frames.append((frame, time.monotonic()))
                     while len(self._frames) > self._max:
                         self._frames.popleft()
                         self.dropped += 1
@@ -150,16 +155,20 @@ class LiveSource:
                 self._cond.notify()
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        return (frame for frame, _ in self.timed())
+
+    def timed(self) -> Iterator[tuple[np.ndarray, float]]:
+        """Each frame with the time it arrived (time.monotonic() when the reader thread got it)."""
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._frames) or self._ended)
                 if self._frames:
-                    frame = self._frames.popleft()
+                    item = self._frames.popleft()
                 elif self._error is not None:
                     raise InputError(f"input {self.path!r} failed: {self._error}")
                 else:
                     return
-            yield frame
+            yield item
 
     def close(self) -> None:
         """Ask the reader to stop; it closes the input itself after its current frame. A live

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
@@ -23,8 +24,10 @@ from types import FrameType
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.commands import Close, Cut, CutDone, Demand, Open, Query, SessionStatus, SetParams
 from pipeline.config import ConfigError, SystemConfig, load_system_config
 from pipeline.engine import Engine
+from pipeline.feeder import Feeder
 from pipeline.types import UserParams
 from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
@@ -173,18 +176,58 @@ def chunks_for(config: SystemConfig, frames: int) -> int:
     return 1 + max(0, math.ceil((frames - first) / config.frames_for_chunk(first=False)))
 
 
-def feed(engine: Engine, sid: str, source: Iterator[np.ndarray], limit: int) -> tuple[int, bool]:
-    """v2v: give the engine up to ``limit`` of the frames it wants now: (frames given, source ended)."""
-    given = 0
-    while given < limit and (n := engine.wants_frames(sid)):
-        want = min(n, limit - given)
-        frames = list(itertools.islice(source, want))
-        if frames:
-            engine.submit(sid, np.stack(frames))
-            given += len(frames)
-        if len(frames) < want:
-            return given, True
-    return given, False
+def feed(
+    engine: Engine,
+    feeder: Feeder,
+    status: SessionStatus,
+    source: Iterator[tuple[np.ndarray, float]],
+    limit: int,
+) -> bool:
+    """v2v: hand over the frames the engine wants now, at most ``limit`` (the one feeder's rule);
+    True when the source has ended."""
+    before = feeder.given
+    while n := feeder.wanted(status, limit - (feeder.given - before)):
+        taken = list(itertools.islice(source, n))
+        if taken:
+            result = engine.apply(feeder.submit([f for f, _ in taken], [t for _, t in taken]))
+            if not result.taken:
+                raise RuntimeError(f"the engine refused {len(taken)} frames it asked for")
+            feeder.taken(len(taken))
+            status = result.status
+        if len(taken) < n:
+            return True
+    return False
+
+
+class Release:
+    """Hands generated frames to the outputs: at once, or (``realtime``: a live stream among them) at most
+    ``LEAD_SECONDS`` ahead of a wall clock that starts with the first frame, so a stream's queue holds what
+    it should send next, not what it must drop. The engine may hand over several chunks at once (decoded
+    while the loop waited); they wait here, not in the stream's queue."""
+
+    def __init__(self, outputs: list[OutputThread], fps: int, realtime: bool) -> None:
+        self.outputs, self.fps, self.realtime = outputs, fps, realtime
+        self.held: deque[np.ndarray] = deque()
+        self.sent = 0  # frames handed to the outputs
+        self.first: float | None = None  # when the first frames went
+
+    def add(self, frames: np.ndarray) -> None:
+        self.held.append(frames)
+        self.release()
+
+    def wait(self) -> float:
+        """Seconds until the next held frames are due."""
+        if not self.held or self.first is None:
+            return 0.0
+        return max(0.0, self.first + self.sent / self.fps - LEAD_SECONDS - time.perf_counter())
+
+    def release(self, everything: bool = False) -> None:
+        while self.held and (everything or not self.realtime or self.wait() == 0.0):
+            frames = self.held.popleft()
+            self.first = self.first or time.perf_counter()
+            for out in self.outputs:
+                out.put(frames)
+            self.sent += len(frames)
 
 
 def generate(
@@ -196,64 +239,63 @@ def generate(
     stop: StopFlag,
     bar: tqdm,
     realtime: bool = False,
-    schedule: PromptScript | None = None,
+    script: PromptScript | None = None,
 ) -> int:
     """Run the engine until ``total`` frames are made, the input ends, ``stop`` is set, or every output has failed.
 
-    ``realtime`` (a live stream among the outputs): generation keeps at most ``LEAD_SECONDS`` ahead of
-    the wall clock, so a stream's queue holds what it should send next, not what it must drop.
-    ``schedule``: prompt changes and cuts at the first chunk boundary at or after their time. Chunks
-    are started only up to the next event; a cut waits for the chunks before it to finish, so it
-    falls exactly there and nothing of the old epoch is lost or carried over."""
+    ``realtime`` (a live stream among the outputs): frames go to the outputs at most ``LEAD_SECONDS`` ahead
+    of the wall clock (:class:`Release`), and generation waits while any are held back.
+    ``script``: prompt changes and cuts at the first chunk boundary at or after their time. Chunks
+    are started only up to the next event; a cut waits for the chunks before it to be handed out, so
+    it falls exactly there and nothing of the old epoch is lost or carried over."""
     config = engine.config
     mode = "v2v" if source is not None else "t2v"
-    sid = engine.open_session(params, mode=mode)
-    frames_in = iter(source) if source is not None else iter(())
-    events = [e for e in (schedule.events if schedule else ()) if e.at > 0]
-    fed, made, ended = 0, 0, source is None
+    sid = engine.apply(Open(params, mode)).session_id
+    feeder = Feeder(sid)
+    frames_in = source.timed() if source is not None else iter(())
+    events = [e for e in (script.events if script else ()) if e.at > 0]
+    release = Release(outputs, config.fps, realtime)
+    made, ended = 0, source is None
     start = time.perf_counter()
-    while made < total and not stop and any(out.error is None for out in outputs):
-        if realtime and (ahead := made / config.fps - (time.perf_counter() - start)) > LEAD_SECONDS:
-            time.sleep(ahead - LEAD_SECONDS)
+    while (made < total or release.held) and not stop and any(out.error is None for out in outputs):
+        release.release()
+        if release.held:  # ahead of the clock: wait until they are due
+            time.sleep(min(release.wait(), 0.1))
             continue
-        progress = engine.progress(sid)
-        boundary = min(total, schedule.frame_of(events[0], config.fps)) if events and schedule else total
-        if events and progress.next_video_frame >= boundary:  # every chunk before the event has started
+        status: SessionStatus = engine.apply(Query(sid))
+        boundary = min(total, script.frame_of(events[0], config.fps)) if events and script else total
+        if events and status.next_video_frame >= boundary:  # every chunk before the event has started
             event = events[0]
-            if event.cut and progress.denoising:
+            if event.cut and status.undelivered:
                 pass  # let them finish first
             else:
-                apply_event(engine, sid, event, progress.next_video_frame, config.fps)
+                apply_event(engine, sid, event, status.next_video_frame, config.fps)
                 events.pop(0)
                 continue
-        elif mode == "t2v" and progress.demand == 0 and progress.next_video_frame < boundary:
-            engine.request(sid, 1)
+        elif mode == "t2v" and status.demand == 0 and status.next_video_frame < boundary:
+            engine.apply(Demand(sid, 1))
         elif mode == "v2v" and not ended:
-            limit = boundary - fed
-            if limit <= 0 and engine.partial_input(sid):  # finish the chunk the event falls in
-                limit = engine.frames_needed(sid)
-            given, ended = feed(engine, sid, frames_in, limit)
-            fed += given
+            ended = feed(engine, feeder, status, frames_in, boundary - feeder.given)
         if not engine.has_work():
             break
         for chunk in engine.step():
             frames = chunk.frames[: total - made]
-            for out in outputs:
-                out.put(frames)
+            release.add(frames)
             made += len(frames)
             bar.update(len(frames))
             bar.set_postfix_str(f"{made / config.fps / (time.perf_counter() - start):.2f}x real time", refresh=False)
-    engine.close_session(sid)
+    release.release(everything=True)  # stopped by a signal or an output: what was made still goes out
+    engine.apply(Close(sid))
     return made
 
 
 def apply_event(engine: Engine, sid: str, event: PromptEvent, frame: int, fps: int) -> None:
     what = []
     if event.cut:
-        epoch = engine.cut(sid)
-        what.append(f"cut (epoch {epoch})")
+        done: CutDone = engine.apply(Cut(sid))
+        what.append(f"cut (epoch {done.epoch})")
     if event.prompt is not None:
-        engine.update_params(sid, prompt=event.prompt)
+        engine.apply(SetParams.of(sid, prompt=event.prompt))
         what.append(f"prompt {event.prompt!r}")
     tqdm.write(
         f"streamer: at frame {frame} ({frame / fps:.2f} s; line {event.line} asked for {event.at:g} s): "
@@ -316,8 +358,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             timesteps=parse_timesteps(args.timesteps),
             fps=args.fps,
         )
-        schedule = load_prompts(args.prompts) if args.prompts else None
-        prompt = (schedule.initial_prompt() if schedule else None) or args.prompt
+        script = load_prompts(args.prompts) if args.prompts else None
+        prompt = (script.initial_prompt() if script else None) or args.prompt
         params = UserParams(prompt=prompt, seed=args.seed, strength=args.strength)
         most = MAX_SECONDS * config.fps
         if args.frames is not None and args.frames > most:
@@ -343,13 +385,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"streamer: error: {e}", file=sys.stderr)
         if source is not None:
             source.close()
+        engine.close()
         return EXIT_OUTPUT_FAILED
     stop = StopFlag()
     bar = tqdm(total=total, unit="frame", desc="generating", file=sys.stderr, disable=args.quiet)
     t0 = time.perf_counter()
     try:
         realtime = any(t.stream for t in targets)
-        made = generate(engine, params, source, total, outputs, stop, bar, realtime, schedule)
+        made = generate(engine, params, source, total, outputs, stop, bar, realtime, script)
     except BaseException:
         for out in outputs:
             out.abort()
@@ -357,6 +400,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         stop.restore()
+        engine.close()
         if source is not None:
             source.close()
     reports = [out.finish() for out in outputs]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -17,11 +16,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection
 
-from pipeline.engine import Engine
-from pipeline.types import UserParams
+from pipeline.commands import ParamsSet, Query, SessionStatus, SetParams, Submitted
+from pipeline.feeder import Feeder
+from pipeline.types import UserParams, stale
 from streamer.bridge import EngineBridge
 from streamer.chunker import Chunker
 from streamer.egress.webrtc import OutFrame, PacedVideoTrack
@@ -117,7 +116,8 @@ class Session:
         self.cut_acked: float | None = None  # when the last cut was acknowledged (monotonic)
 
     async def open(self, params: dict[str, Any]) -> str:
-        self.sid = await self.bridge.open_session(params, self.mode)
+        """The engine session; ValueError naming the field for bad params, SessionLimitError past the limit."""
+        self.sid = await self.bridge.open_session(UserParams().updated(params), self.mode)
         self.opened.set()
         self.spawn(self._pump(), "pump")
         return self.sid
@@ -149,7 +149,7 @@ class Session:
             else:
                 ready = self.reorder.push(chunk.envelope.epoch, chunk.envelope.chunk_index, chunk, now)
             for c in ready:
-                if c.envelope.epoch < self.epoch:
+                if c.envelope.stale(self.epoch):
                     self.metrics.frames_dropped += c.num_frames
                     continue
                 self.metrics.chunks_out += 1
@@ -173,10 +173,10 @@ class Session:
         keep = []
         while not self.frames.empty():
             f = self.frames.get_nowait()
-            if f.epoch >= self.epoch:
-                keep.append(f)
-            else:
+            if stale(f.epoch, self.epoch):
                 self.metrics.frames_dropped += 1
+            else:
+                keep.append(f)
         for f in keep:
             self.frames.put_nowait(f)
 
@@ -198,17 +198,24 @@ class Session:
                 self.chunker.add(frame, time.monotonic())
 
     async def _submit_input(self) -> None:
-        """Give the engine the newest frames when it has room for a chunk; until then the chunker
-        keeps only the newest, so a live source never builds latency."""
+        """Give the engine the newest frames when it has room for a chunk (the one feeder, as the CLI
+        and the benchmarks use it); until then the chunker keeps only the newest, so a live source
+        never builds latency."""
         assert self.chunker is not None
         await self.opened.wait()
+        feeder = Feeder(self.sid)
+        status: SessionStatus = await self.bridge.apply(Query(self.sid))
         while True:
-            need = await self.bridge.call(functools.partial(Engine.wants_frames, session_id=self.sid))
+            need = feeder.wanted(status)
             if not need:
                 await asyncio.sleep(0.5 / self.frame_rate)
+                status = await self.bridge.apply(Query(self.sid))
                 continue
-            batch = np.stack(await self.chunker.take(need))
-            await self.bridge.call(functools.partial(Engine.submit, session_id=self.sid, frames=batch))
+            taken = await self.chunker.take(need)
+            result: Submitted = await self.bridge.apply(feeder.submit([f for f, _ in taken], [t for _, t in taken]))
+            if result.taken:
+                feeder.taken(len(taken))
+            status = result.status
 
     # ---- control channel ----------------------------------------------------------------------
 
@@ -261,13 +268,13 @@ class Session:
                 unknown = sorted(set(msg) - {"type", "prompt"})
                 if unknown or "prompt" not in msg:
                     raise ValueError(f'a prompt message has exactly "type" and "prompt"; got {sorted(msg)}')
-                params = await self.bridge.call(lambda e: e.update_params(self.sid, prompt=msg["prompt"]))
-                return {"type": "ack", "of": "prompt", "epoch": self.epoch, "prompt": params.prompt}
+                done: ParamsSet = await self.bridge.apply(SetParams.of(self.sid, prompt=msg["prompt"]))
+                return {"type": "ack", "of": "prompt", "epoch": self.epoch, "prompt": done.params.prompt}
             if kind == "params":
                 changes = {k: v for k, v in msg.items() if k != "type"}
                 UserParams().updated(changes)  # validate before it reaches the engine thread
-                params = await self.bridge.call(lambda e: e.update_params(self.sid, **changes))
-                return {"type": "ack", "of": "params", "epoch": self.epoch, "params": params.__dict__}
+                done = await self.bridge.apply(SetParams.of(self.sid, **changes))
+                return {"type": "ack", "of": "params", "epoch": self.epoch, "params": done.params.__dict__}
             if kind == "cut":
                 epoch, first = await self.bridge.cut(self.sid)
                 self.epoch = epoch

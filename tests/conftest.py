@@ -51,3 +51,57 @@ def with_rope_table(config: SystemConfig, length: int) -> SystemConfig:
 @pytest.fixture
 def tiny64() -> SystemConfig:
     return tiny_config(dtype="float64")
+
+
+def open_t2v(engine, chunks: int = 0, **params) -> str:
+    """A t2v session of ``engine`` with ``chunks`` asked for; its id."""
+    from pipeline.commands import Demand, Open
+    from pipeline.types import UserParams
+
+    sid = engine.apply(Open(UserParams(**params))).session_id
+    if chunks:
+        engine.apply(Demand(sid, chunks))
+    return sid
+
+
+def open_v2v(engine, **params) -> str:
+    from pipeline.commands import Open
+    from pipeline.types import UserParams
+
+    return engine.apply(Open(UserParams(**params), "v2v")).session_id
+
+
+def submit(engine, sid: str, frames) -> bool:
+    """Hand ``frames`` (uint8 [N, H, W, 3]) to a v2v session, arriving now; whether they were taken."""
+    import time
+
+    from pipeline.commands import Submit
+
+    return engine.apply(Submit(sid, frames, (time.monotonic(),) * len(frames))).taken
+
+
+def status(engine, sid: str):
+    from pipeline.commands import Query
+
+    return engine.apply(Query(sid))
+
+
+def drain(engine) -> list:
+    """Step until nothing is left in flight or being decoded; every chunk that came out."""
+    out = []
+    while engine.has_work():
+        out += engine.step()
+    return out
+
+
+def executor(config, models, name: str = "streambatch", **kw):
+    """The local executor by its benchmark name: ``streambatch`` (one forward per tick) or ``sequential``."""
+    from pipeline.executor import local_executor
+
+    return local_executor(config, models, {"streambatch": "tick", "sequential": "slot"}[name], **kw)
+
+
+def with_layers(config: SystemConfig, layers: int) -> SystemConfig:
+    """The same config with a transformer of ``layers`` blocks (seeded weights), so that it splits into stages."""
+    model = dataclasses.replace(config.model, transformer={**config.model.transformer, "num_layers": layers})
+    return dataclasses.replace(config, model=model)

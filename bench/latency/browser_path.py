@@ -27,6 +27,7 @@ from bench.latency.common import (
     http_json,
     in_engine_thread,
     load_config,
+    stage_summary,
 )
 from bench.latency.engine_path import warm_up
 from bench.latency.served import Server, local_server, sent_by_pts
@@ -253,8 +254,8 @@ async def browser_session(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await browser.close()
             engine = server.engine()
-            if engine is not None and server.stages is not None:
-                result["stages_ms"] = server.stages.summary(engine.stats.tick_seconds)
+            if engine is not None:
+                result["stages_ms"] = stage_summary(engine)
     return result
 
 

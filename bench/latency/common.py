@@ -5,22 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import dataclasses
 import itertools
 import statistics
-import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-import torch
 
 from pipeline.config import SystemConfig, load_system_config
 from pipeline.engine import Engine
-from pipeline.models.loader import Models
 
 ROOT = Path(__file__).resolve().parents[2]
 PATHS = ("engine", "webrtc", "browser")
@@ -102,57 +98,12 @@ class Trace:
         }
 
 
-class StageTimes:
-    """Wall time per call of the engine's stages: the DiT executor and the VAE's decode and encode."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, deque[float]] = {
-            name: deque(maxlen=MAX_RECORDS) for name in ("dit", "vae_decode", "vae_encode")
-        }
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` timed into ``name``, synchronising a GPU first (as bench.engine's TimedExecutor)."""
-        sink, device = self.seconds[name], self.device
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            sink.append(time.perf_counter() - t0)
-            return out
-
-        return timed
-
-    def summary(self, tick_seconds: Iterable[float]) -> dict[str, Any]:
-        """ms per call of each stage seen, and per whole tick (schedule, DiT, update, decode)."""
-        out = {"tick": distribution([s * 1000 for s in tick_seconds])}
-        out.update({name: distribution([s * 1000 for s in v]) for name, v in self.seconds.items() if v})
-        return out
-
-
-class _Timed:
-    """A proxy that times some methods of ``inner`` and passes everything else through."""
-
-    def __init__(self, inner: Any, stages: StageTimes, methods: dict[str, str]) -> None:
-        self._inner = inner
-        for method, stage in methods.items():
-            setattr(self, method, stages.wrap(stage, getattr(inner, method)))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def timed_models(models: Models, stages: StageTimes) -> Models:
-    """The same models (shared weights) with the VAE's decode and encode timed; ``models`` is left as it is."""
-    vae = _Timed(models.vae, stages, {"decode": "vae_decode", "encode": "vae_encode"})
-    return dataclasses.replace(models, vae=vae)  # type: ignore[arg-type]
-
-
-def time_executor(engine: Engine, stages: StageTimes) -> None:
-    """Time the engine's DiT executor (one call per tick)."""
-    engine.executor = _Timed(engine.executor, stages, {"run": "dit"})  # type: ignore[assignment]
+def stage_summary(engine: Engine) -> dict[str, Any]:
+    """ms per call of the engine's phases, from its own timer (``dit``, ``decode``, ``encode``; on a GPU
+    timed with CUDA events), and per tick (``tick``: a step that issued a tick)."""
+    out = {"tick": distribution([s * 1000 for s in engine.stats.tick_seconds])}
+    out.update({name: distribution([s * 1000 for s in engine.timer.seconds(name)]) for name in engine.timer.names()})
+    return out
 
 
 def in_engine_thread(fn: Callable[..., T], *args: Any) -> T:

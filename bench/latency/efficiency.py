@@ -29,9 +29,11 @@ from typing import Any
 
 from bench.latency.common import PROMPT, ROOT, in_engine_thread, run_async
 from bench.latency.served import Server, local_server, open_client
+from pipeline.commands import Close, Demand, Open
 from pipeline.config import SystemConfig
 from pipeline.engine import Engine
 from pipeline.models.loader import Models
+from pipeline.types import UserParams
 from streamer.app import STATE
 
 CLIENTS = ("process", "inline")
@@ -79,16 +81,19 @@ class Meter:
 def engine_window(config: SystemConfig, models: Models, seconds: float) -> Window:
     """The engine alone, one t2v session, chunks asked for ahead; counted after the pipeline is full."""
     engine = Engine(config, models, max_input_chunks=1)
-    sid = engine.open_session({"prompt": PROMPT, "seed": 0}, "t2v")
-    engine.request(sid, engine.pipeline_depth + 2)
-    for _ in range(engine.pipeline_depth + 2):
-        engine.request(sid, len(engine.step()))
-    meter = Meter()
-    while meter.elapsed() < seconds:
-        out = engine.step()
-        engine.request(sid, len(out))
-        meter.frames += sum(c.num_frames for c in out)
-    engine.close_session(sid)
+    try:
+        sid = engine.apply(Open(UserParams(prompt=PROMPT, seed=0))).session_id
+        engine.apply(Demand(sid, engine.pipeline_depth + 2))
+        while engine.stats.ticks < engine.pipeline_depth + 2:
+            engine.apply(Demand(sid, len(engine.step())))
+        meter = Meter()
+        while meter.elapsed() < seconds:
+            out = engine.step()
+            engine.apply(Demand(sid, len(out)))
+            meter.frames += sum(c.num_frames for c in out)
+        engine.apply(Close(sid))
+    finally:
+        engine.close()
     return meter.window()
 
 

@@ -23,12 +23,10 @@ from bench.latency.common import (
     DEFINITIONS,
     MAX_RECORDS,
     PROMPT,
-    StageTimes,
     Trace,
     distribution,
     http_json,
-    time_executor,
-    timed_models,
+    stage_summary,
 )
 from pipeline.config import SystemConfig
 from pipeline.engine import Engine
@@ -42,7 +40,6 @@ from streamer.session import SentFrame
 class Server:
     base: str
     app: web.Application | None  # None: a server elsewhere (--server URL)
-    stages: StageTimes | None = None
 
     def engine(self) -> Engine | None:
         return None if self.app is None else self.app[STATE].bridge.engine  # type: ignore[union-attr]
@@ -61,19 +58,16 @@ def sent_by_pts(sent: list[SentFrame]) -> dict[int, tuple[float, float]]:
 
 @contextlib.asynccontextmanager
 async def local_server(config: SystemConfig, models: Models, pace: bool = True) -> AsyncIterator[Server]:
-    """``create_app`` on 127.0.0.1, a free port, the given models with their stages timed.
+    """``create_app`` on 127.0.0.1, a free port, the given models.
     ``pace=False``: tracks send frames as fast as they come (throughput, for efficiency)."""
-    stages = StageTimes(models.dit.device)
-    app = create_app(config, ServerOptions(pace=pace), timed_models(models, stages))
+    app = create_app(config, ServerOptions(pace=pace), models)
     runner = web.AppRunner(app)
     await runner.setup()  # starts the engine thread (cleanup_ctx)
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        server = Server(f"http://127.0.0.1:{port}", app, stages)
-        time_executor(server.engine(), stages)  # type: ignore[arg-type]  # no session yet: the thread idles
-        yield server
+        yield Server(f"http://127.0.0.1:{port}", app)
     finally:
         await runner.cleanup()
 
@@ -278,12 +272,12 @@ async def run_webrtc(server: Server, config: SystemConfig, args: argparse.Namesp
 def server_side(server: Server, sent: list[SentFrame]) -> dict[str, Any]:
     """What only an in-process server shows: its stage times and how evenly it sent the frames."""
     engine = server.engine()
-    if engine is None or server.stages is None:
+    if engine is None:
         return {}
     sends = [f.when for f in sent]
     return {
         "server_send_period_ms": distribution([(b - a) * 1000 for a, b in itertools.pairwise(sends)]),
-        "stages_ms": server.stages.summary(engine.stats.tick_seconds),
+        "stages_ms": stage_summary(engine),
     }
 
 

@@ -64,6 +64,18 @@ class Denoiser(Protocol):
 
     def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def embed(
+        self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E], text states [B, Lt, E]."""
+        ...
+
+    def run_blocks(
+        self, hidden: torch.Tensor, enc: torch.Tensor, tproj: torch.Tensor, batch: AttnBatch, blocks: range
+    ) -> torch.Tensor: ...
+
+    def head(self, hidden: torch.Tensor, temb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor: ...
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """Velocity [B, C, F, h, w] of slots x [B, C, F, h, w] at noise levels sigma [B]."""
         ...

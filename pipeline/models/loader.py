@@ -9,7 +9,7 @@ no preset, or another preset than the config asks for, is an error.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from pipeline.models.causal_wan import CausalWan
 from pipeline.models.passthrough import ConstantText, PassthroughDit, PixelPackVae
 from pipeline.models.text import BYTE_TOKENIZER_FILE, ByteTokenizer, TextEncoder
 from pipeline.models.vae import StreamingVae
+from pipeline.sampling import FlowSampler, IdentitySampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -33,6 +34,7 @@ class Models:
     vae: StreamingVae | PixelPackVae
     text: TextEncoder | ConstantText
     source: str  # where the weights came from: "random(seed=N)", a folder, "passthrough"
+    sampler: FlowSampler = field(default_factory=FlowSampler)  # the update rule between steps
 
 
 def cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -128,7 +130,8 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
     if preset.kind == "passthrough":
         device = torch.device(config.device)
         dit = PassthroughDit(device, dtype)
-        return Models(preset, dit, PixelPackVae(device), ConstantText(device, dtype), source="passthrough")
+        vae = PixelPackVae(device)
+        return Models(preset, dit, vae, ConstantText(device, dtype), source="passthrough", sampler=IdentitySampler())
     source = None if random_weights else (config.model_source or preset.source)
     tokenizer: Any
     if source is None:

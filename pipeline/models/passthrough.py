@@ -7,7 +7,7 @@ bit as they went in: the latency of the system itself can be measured with frame
 
 - "VAE": a latent pixel packs the 3 colours x 4 frames x 8x8 pixels it covers into 768 channels
   (a stream's first latent frame holds one frame, repeated, as the Wan VAE's does).
-- Denoiser: velocity 0, so x0 = x. The engine does not noise a passthrough model's latents.
+- Denoiser: velocity 0, so x0 = x; its sampler (``IdentitySampler``) never noises its latents.
 - Text: a constant.
 """
 
@@ -55,12 +55,29 @@ class PassthroughDit(torch.nn.Module):
         ones = torch.ones(len(shifts), 1, 1, 1, device=self._device)
         return ones, torch.zeros_like(ones)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+    def embed(
+        self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [B, L, 1] zeros (one token per latent pixel), and one-wide stand-ins for the rest."""
         b, _, f, h, w = x.shape
-        if batch.kv is not None:
-            kv = torch.zeros(b, f * h * w, self.heads, self.head_dim, device=x.device, dtype=self._dtype)
+        zeros = x.new_zeros
+        return zeros(b, f * h * w, 1), zeros(b, 1), zeros(b, 6, 1), zeros(b, 1, 1)
+
+    def run_blocks(
+        self, hidden: torch.Tensor, enc: torch.Tensor, tproj: torch.Tensor, batch: AttnBatch, blocks: range
+    ) -> torch.Tensor:
+        if batch.kv is not None and 0 in blocks:
+            b, tokens, _ = hidden.shape
+            kv = torch.zeros(b, tokens, self.heads, self.head_dim, device=hidden.device, dtype=self._dtype)
             batch.kv.exchange(0, kv, kv)
-        return torch.zeros_like(x)
+        return hidden
+
+    def head(self, hidden: torch.Tensor, temb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return hidden.new_zeros(shape)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        hidden, temb, tproj, enc = self.embed(x, sigma, text)
+        return self.head(self.run_blocks(hidden, enc, tproj, batch, range(1)), temb, tuple(x.shape))
 
 
 class PixelPackVae:
@@ -100,6 +117,9 @@ class PixelPackVae:
             frames = frames[:, :, t - 1 :]  # the first latent frame decodes to one frame
         stream.latents_decoded += n
         return frames
+
+    def decode_many(self, streams: list[VaeStream], latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.decode(s, x) for s, x in zip(streams, latents, strict=True)]
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,36 @@ class StreamingVae:
         return out.clamp(-1.0, 1.0)
 
     @torch.no_grad()
+    def decode_many(self, streams: list[VaeStream], latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One chunk of each of several streams: ``latents[i]`` [1, C, n, h, w] -> frames [1, 3, N, H, W].
+
+        Decoded in one batched call when the streams' causal caches line up (every cached feature is a
+        tensor of the same shape: each stream past its first two latent frames); else one by one. The
+        result is the same either way (a test holds it to that)."""
+        if len(streams) == 1 or not self._batchable(streams, latents):
+            return [self.decode(s, x) for s, x in zip(streams, latents, strict=True)]
+        joint = VaeStream(
+            dec_cache=[torch.cat([s.dec_cache[i] for s in streams]) for i in range(self._n_dec)],
+            latents_decoded=streams[0].latents_decoded,
+        )
+        video = self.decode(joint, torch.cat(latents))
+        for i in range(self._n_dec):
+            for s, part in zip(streams, joint.dec_cache[i].split(1), strict=True):
+                s.dec_cache[i] = part
+        for s in streams:
+            s.latents_decoded += latents[0].shape[2]
+        return list(video.split(1))
+
+    def _batchable(self, streams: list[VaeStream], latents: list[torch.Tensor]) -> bool:
+        if any(x.shape != latents[0].shape for x in latents) or any(s.latents_decoded < 2 for s in streams):
+            return False
+        for i in range(self._n_dec):
+            entries = [s.dec_cache[i] for s in streams]
+            if not all(isinstance(e, torch.Tensor) and e.shape == entries[0].shape for e in entries):
+                return False
+        return True
+
+    @torch.no_grad()
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
         """The reference: diffusers' own one-call decode of all latent frames (normalised input)."""
         mean, std = self._norm(latents)

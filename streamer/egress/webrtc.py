@@ -19,7 +19,7 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack
 
-from pipeline.types import PTS_CLOCK
+from pipeline.types import PTS_CLOCK, stale
 
 TIME_BASE = Fraction(1, PTS_CLOCK)
 
@@ -94,14 +94,14 @@ class PacedVideoTrack(MediaStreamTrack):
     async def recv(self) -> av.VideoFrame:
         while True:
             item = await self._next_frame()
-            if item.epoch >= self._epoch():
+            if not stale(item.epoch, self._epoch()):
                 break
             self._on_stale(item)
         now = time.monotonic()
         delay = self.playout.send_time(item.pts / PTS_CLOCK, item.arrived, now) - now
         if delay > 0 and self.paced:
             await asyncio.sleep(delay)
-        if item.epoch < self._epoch():  # a cut was acknowledged while we waited
+        if stale(item.epoch, self._epoch()):  # a cut was acknowledged while we waited
             self._on_stale(item)
             return await self.recv()
         frame = av.VideoFrame.from_ndarray(item.rgb, format="rgb24")

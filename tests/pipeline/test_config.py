@@ -7,11 +7,13 @@ import re
 import pytest
 import torch
 
+from pipeline.commands import Open, SetParams
 from pipeline.config import ConfigError, load_model_preset, load_system_config
 from pipeline.engine import Engine
 from pipeline.models.loader import load_models, random_components, save_pretrained
 from pipeline.models.text import ByteTokenizer
 from pipeline.sampling import shifted_sigmas, sigmas_from_timesteps, strength_sigmas, validate_sigmas
+from pipeline.types import UserParams
 from tests.conftest import tiny_config
 
 
@@ -71,17 +73,20 @@ def test_sigma_tables():
 
 
 def test_bad_user_params_name_field_and_value():
-    engine = Engine(tiny_config())
     with pytest.raises(ValueError, match=r"unknown user param\(s\) \['colour'\]"):
-        engine.open_session({"colour": "red"})
+        UserParams().updated({"colour": "red"})
     with pytest.raises(ValueError, match=re.escape("strength=1.5 is not allowed")):
-        engine.open_session({"strength": 1.5})
+        UserParams().updated({"strength": 1.5})
     with pytest.raises(ValueError, match="seed='x' is not allowed"):
-        engine.open_session({"seed": "x"})
+        UserParams().updated({"seed": "x"})
     with pytest.raises(ValueError, match="prompt of 5000 characters is not allowed"):
-        engine.open_session({"prompt": "x" * 5000})
+        UserParams().updated({"prompt": "x" * 5000})
+    engine = Engine(tiny_config())
     with pytest.raises(ValueError, match="mode='i2v' is not allowed"):
-        engine.open_session(mode="i2v")
+        engine.apply(Open(UserParams(), "i2v"))
+    with pytest.raises(KeyError, match="session_id='nope' is not open"):
+        engine.apply(SetParams.of("nope", prompt="x"))
+    engine.close()
 
 
 def test_model_folder_is_identified_by_its_config_not_its_name(tmp_path):

@@ -7,7 +7,7 @@ from pipeline.engine import Engine
 from pipeline.models.loader import load_models
 from pipeline.reference import reference_session
 from pipeline.types import UserParams
-from tests.conftest import tiny_config
+from tests.conftest import executor, open_t2v, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,10 +27,8 @@ def exact_matmul():
 def test_streambatch_equals_reference_on_cuda(context):
     config = tiny_config(device="cuda", dtype="float32", context=context, sink_frames=1, window_frames=3)
     models = load_models(config)
-    engine = Engine(config, models, keep_latents=True)
-    ids = [engine.open_session(UserParams(prompt=p, seed=i)) for i, p in enumerate(["a", "b", "c"])]
-    for sid in ids:
-        engine.request(sid, 6)
+    engine = Engine(config, models, executor=executor(config, models, keep_latents=True))
+    ids = [open_t2v(engine, 6, prompt=p, seed=i) for i, p in enumerate(["a", "b", "c"])]
     out = {}
     while engine.has_work():
         for c in engine.step():
@@ -44,8 +42,7 @@ def test_streambatch_equals_reference_on_cuda(context):
 def test_bfloat16_engine_runs_on_cuda():
     config = tiny_config(device="cuda", dtype="bfloat16", height=64, width=64)
     engine = Engine(config)
-    sid = engine.open_session({"prompt": "x"})
-    engine.request(sid, 8)
+    open_t2v(engine, 8, prompt="x")
     frames = []
     while engine.has_work():
         frames += [c.frames for c in engine.step()]

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from pipeline.commands import Demand, Open
 from pipeline.engine import Engine
 from pipeline.models.loader import load_models
 from pipeline.reference import reference_session
 from pipeline.types import UserParams
-from tests.conftest import tiny_config
+from tests.conftest import drain, open_t2v, tiny_config
+from tests.conftest import executor as make_executor
 
 ATOL = 1e-6  # float64 model; diffusers' Wan block rounds its residual through float32
 
@@ -15,17 +17,15 @@ ATOL = 1e-6  # float64 model; diffusers' Wan block rounds its residual through f
 def run_engine(engine, sessions, join_at):
     """Open each session at its tick, ask for its chunks, run until idle; x0 latents per session."""
     ids, out = {}, {}
-    tick = 0
     while True:
         for name, (params, chunks) in sessions.items():
-            if join_at[name] == tick:
-                ids[name] = engine.open_session(params)
-                engine.request(ids[name], chunks)
-        if tick > max(join_at.values()) and not engine.has_work():
+            if name not in ids and engine.stats.ticks >= join_at[name]:
+                ids[name] = engine.apply(Open(params)).session_id
+                engine.apply(Demand(ids[name], chunks))
+        if len(ids) == len(sessions) and not engine.has_work():
             break
         for c in engine.step():
             out.setdefault(c.envelope.session_id, []).append(c)
-        tick += 1
     return {name: out[sid] for name, sid in ids.items()}
 
 
@@ -35,7 +35,7 @@ def test_executor_equals_reference_loop(context, executor):
     # sink 1 + window 3 with 7 chunks: the window rolls, evicts and re-bases positions
     config = tiny_config(dtype="float64", context=context, sink_frames=1, window_frames=3)
     models = load_models(config)
-    engine = Engine(config, models, executor=executor, keep_latents=True)
+    engine = Engine(config, models, executor=make_executor(config, models, executor, keep_latents=True))
     sessions = {
         "a": (UserParams(prompt="red sails", seed=1), 7),
         "b": (UserParams(prompt="blue whale", seed=2), 5),
@@ -69,10 +69,9 @@ def test_stream_keeps_t_chunks_in_flight_and_clean_one():
     for context, slots_per_tick in (("stream", 5), ("clean", 1)):  # T=4: 4 steps + the σ=0 write
         config = tiny_config(context=context)
         engine = Engine(config)
-        sid = engine.open_session()
-        engine.request(sid, 20)
+        open_t2v(engine, 20)
         counts = []
-        for _ in range(12):
+        while engine.stats.ticks < 12:
             before = engine.stats.slots
             engine.step()
             counts.append(engine.stats.slots - before)
@@ -86,12 +85,8 @@ def test_same_seed_same_frames_other_seed_other_frames():
 
     def frames(seed):
         engine = Engine(config, models)
-        sid = engine.open_session({"prompt": "p", "seed": seed})
-        engine.request(sid, 3)
-        out = []
-        while engine.has_work():
-            out += [c.frames for c in engine.step()]
-        return out
+        open_t2v(engine, 3, prompt="p", seed=seed)
+        return [c.frames for c in drain(engine)]
 
     a, b, c = frames(7), frames(7), frames(8)
     assert all((x == y).all() for x, y in zip(a, b, strict=True))
@@ -109,7 +104,7 @@ def test_chunks_of_several_frames_around_an_odd_ring_equal_the_reference(context
         dtype="float64", context=context, sink_frames=1, window_frames=window, chunk_frames=chunk_frames
     )
     models = load_models(config)
-    engine = Engine(config, models, executor=executor, keep_latents=True)
+    engine = Engine(config, models, executor=make_executor(config, models, executor, keep_latents=True))
     sessions = {"a": (UserParams(prompt="red sails", seed=1), 20), "b": (UserParams(prompt="blue", seed=2), 9)}
     got = run_engine(engine, sessions, join_at={"a": 0, "b": 2})
     ring = window + (config.steps + 1) * chunk_frames

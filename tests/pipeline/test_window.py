@@ -9,7 +9,7 @@ from pipeline.models.loader import load_models
 from pipeline.reference import reference_session
 from pipeline.types import UserParams
 from pipeline.window import KVWindow, context_frames, sink_shift
-from tests.conftest import tiny_config, with_rope_table
+from tests.conftest import executor, open_t2v, tiny_config, with_rope_table
 
 
 def test_context_is_sink_plus_latest_window():
@@ -77,15 +77,14 @@ def test_long_stream_has_flat_memory_crosses_the_rope_table_and_equals_the_refer
     # A RoPE table of 8 positions and 60 chunks: absolute frame indices run far past the table.
     config = with_rope_table(tiny_config(sink_frames=1, window_frames=4, dtype="float64"), 8)
     models = load_models(config)
-    engine = Engine(config, models, keep_latents=True)
+    engine = Engine(config, models, executor=executor(config, models, keep_latents=True))
     params = UserParams(prompt="endless", seed=4)
-    sid = engine.open_session(params)
-    engine.request(sid, 60)
-    kv = engine.sessions[sid].window.kv
+    sid = open_t2v(engine, 60, prompt="endless", seed=4)
     sizes, tensors, out = set(), set(), []
     while engine.has_work():
         out += engine.step()
-        sizes.add(engine.kv_bytes(sid))
+        kv = engine.executor.stage.window(sid)
+        sizes.add(engine.executor.stage.kv_bytes())
         tensors.add((kv.k.data_ptr(), kv.v.data_ptr()))
         assert sum(f >= 0 for f in kv.held) <= kv.capacity
     assert sizes == {kv.nbytes} and len(tensors) == 1  # the same buffers, never grown or copied

@@ -5,8 +5,10 @@ import asyncio
 import pytest
 
 from pipeline.engine import Engine
+from pipeline.models.loader import load_models
+from pipeline.types import UserParams
 from streamer.bridge import Credits, EngineBridge
-from tests.conftest import tiny_config
+from tests.conftest import executor, tiny_config
 
 
 def test_credits_grow_when_starved_and_shrink_when_ahead():
@@ -39,17 +41,19 @@ async def consume(bridge: EngineBridge, sid: str, chunks: int, pause: float) -> 
     return (stats.slots - slots) / (stats.ticks - ticks)
 
 
-@pytest.mark.parametrize("pause", [0.0, 0.3])
-def test_a_fast_consumer_gets_a_full_pipeline_a_slow_one_a_short_one(pause):
-    engine = Engine(tiny_config())
+@pytest.mark.parametrize(("pause", "decode"), [(0.0, "inline"), (0.0, "thread"), (0.3, "thread")])
+def test_a_fast_consumer_gets_a_full_pipeline_a_slow_one_a_short_one(pause, decode):
+    config = tiny_config()
+    models = load_models(config)
+    engine = Engine(config, models, executor=executor(config, models, threaded_decode=decode == "thread"))
     depth = engine.pipeline_depth
-    assert depth == engine.config.steps
+    assert depth == config.steps + (decode == "thread")  # T chunks denoising, one decoding beside them
 
     async def main() -> tuple[float, int | None, list[int]]:
         bridge = EngineBridge(engine, d_out=2)
         await bridge.start()
         try:
-            sid = await bridge.open_session({"prompt": "x"}, "t2v")
+            sid = await bridge.open_session(UserParams(prompt="x"), "t2v")
             per_tick = await consume(bridge, sid, 16, pause)
             credits = bridge.credits(sid)
             # Whatever the credits, no chunk is lost and they come in order.
@@ -61,9 +65,10 @@ def test_a_fast_consumer_gets_a_full_pipeline_a_slow_one_a_short_one(pause):
 
     per_tick, credits, indices = asyncio.run(main())
     assert indices == [16, 17, 18]
-    if pause == 0.0:  # taken as fast as it comes: every slot of the StreamBatch busy (T steps + the σ=0 write)
+    if pause == 0.0:  # taken as fast as it comes: the credits grow to the whole pipeline
         assert credits == 2 + depth
-        assert per_tick > depth
+        if decode == "inline":  # a tick lasts as long as a chunk takes: every slot of the StreamBatch busy
+            assert per_tick > config.steps  # (T steps + the σ=0 write)
     else:  # the engine (~20 ms a tick here) is far ahead of the consumer: two chunks ahead, no more
         assert credits == 2
         assert per_tick <= 3
@@ -85,7 +90,7 @@ def test_a_client_that_stops_reading_holds_exactly_its_credits_also_after_a_cut(
         bridge = EngineBridge(engine, d_out=2)
         await bridge.start()
         try:
-            sid = await bridge.open_session({"prompt": "x"}, "t2v")
+            sid = await bridge.open_session(UserParams(prompt="x"), "t2v")
             for _ in range(6):  # taken as fast as they come: the credits grow
                 await bridge.get_chunk(sid, 30)
             assert (await bridge.cut(sid))[0] == 1

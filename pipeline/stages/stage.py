@@ -1,0 +1,264 @@
+"""A stage: a contiguous range of transformer blocks and the KV windows of those blocks (DESIGN §6).
+
+The first stage also embeds (x, σ, text -> hidden states), the last also runs the head (-> velocity),
+turns each chunk's last step into x0 and hands it to the decode phase. One process is the one-stage
+case: a single stage that is first and last and owns every block.
+
+A stage runs micro-batches in the order they come, tick after tick. Within a tick every slot reads
+the KV window as it stood at the end of the previous tick: a micro-batch that is a whole tick writes
+as it goes (within each block all its slots read before any writes); when a tick is split into
+several micro-batches, their writes are held back and made at the end of the tick's last one. That is
+the visibility rule of DESIGN §4, whatever the split, on every stage.
+
+Session changes (a cut's new epoch, a close: :class:`Control`) come between ticks; every stage applies
+them in the same place of the stream of work, after the tick before them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import SystemConfig
+from pipeline.decode import DecodeJob, DecodePhase
+from pipeline.models.causal_wan import AttnBatch, Denoiser, apply_rope
+from pipeline.sampling import FlowSampler
+from pipeline.scheduler import Slot
+from pipeline.stats import PhaseTimer
+from pipeline.types import Envelope, stale
+from pipeline.window import KVWindow, sink_shift
+
+
+@dataclass(frozen=True)
+class Control:
+    """Session changes every stage applies, in order with the work around them."""
+
+    epochs: tuple[tuple[str, int], ...] = ()  # (session, its epoch) after a cut: KV windows and decoder start over
+    closed: tuple[str, ...] = ()  # sessions closed: everything of theirs is freed
+
+    def __bool__(self) -> bool:
+        return bool(self.epochs or self.closed)
+
+    def merged(self, other: Control) -> Control:
+        return Control(self.epochs + other.epochs, self.closed + other.closed)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Slots of one tick that travel the stages together."""
+
+    tick: int
+    index: int  # its place among the tick's micro-batches
+    slots: tuple[Slot, ...]
+    first_of_tick: bool
+    last_of_tick: bool  # after it, this tick's writes become visible
+    timing: tuple[tuple[float, tuple[float, ...]], ...]  # per slot: (scheduled_at, input arrival times)
+
+
+@dataclass
+class Activations:
+    """What passes from stage to stage for one micro-batch of B slots, on the stage's device."""
+
+    x: torch.Tensor  # [B, C, F, h, w] model dtype: each slot's input (the last stage makes x0 from it)
+    sigma: torch.Tensor  # [B] float32
+    text: torch.Tensor | None = None  # [B, Lt, Dt] text conditioning: into the first stage only
+    hidden: torch.Tensor | None = None  # [B, L, E] between stages
+    temb: torch.Tensor | None = None  # [B, E]
+    tproj: torch.Tensor | None = None  # [B, 6, E]
+    enc: torch.Tensor | None = None  # [B, Lt, E] text states
+    velocity: torch.Tensor | None = None  # [B, C, F, h, w] out of the last stage
+
+
+class BatchKV:
+    """The KV windows of a micro-batch's slots, seen as one padded batch per block."""
+
+    def __init__(
+        self,
+        windows: list[KVWindow],
+        slots: tuple[Slot, ...],
+        chunk_frames: int,
+        held_back: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor]] | None,
+    ) -> None:
+        self.windows = windows
+        self.held_back = held_back  # None: write at once; else writes wait here for the tick's end
+        # sink frames lead each slot's context; turned forward by each slot's sink_shift at read
+        self.sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sink_tokens = windows[0].sink * windows[0].k.shape[2]
+        self.read_runs = []
+        self.write_frames = []
+        for w, s in zip(windows, slots, strict=True):
+            if not w.holds(s.context):
+                missing = [f for f in s.context if w.held[w.position(f)] != f]
+                raise RuntimeError(f"slot {s.envelope.key}@{s.step} reads frames {missing} not in its KV window")
+            self.read_runs.append(w.runs(s.context))
+            self.write_frames.append(range(s.envelope.frame_start, s.envelope.frame_start + chunk_frames))
+        self.device = windows[0].k.device
+        tpf = windows[0].k.shape[2]
+        self.lengths = [len(s.context) * tpf for s in slots]
+        self.max_len = max(self.lengths)
+
+    def exchange(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather every slot's context straight into one [B, Lc + L, H, D] buffer (padding zeroed,
+        own tokens last), then record the slots' own keys/values."""
+        b, own, heads, dim = k.shape
+        keys = k.new_empty(b, self.max_len + own, heads, dim)
+        values = v.new_empty(b, self.max_len + own, heads, dim)
+        for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths, strict=True)):
+            w.gather_into(block, runs, keys[i, :n], values[i, :n])
+            if n < self.max_len:
+                keys[i, n : self.max_len] = 0
+                values[i, n : self.max_len] = 0
+        keys[:, self.max_len :] = k
+        values[:, self.max_len :] = v
+        if self.sink_rotation is not None:
+            keys[:, : self.sink_tokens] = apply_rope(keys[:, : self.sink_tokens], self.sink_rotation)
+        for i, (w, frames) in enumerate(zip(self.windows, self.write_frames, strict=True)):
+            if self.held_back is not None:
+                self.held_back.append((w, block, frames, k[i], v[i]))
+            else:
+                w.scatter(block, frames, k[i], v[i])
+        return keys, values
+
+    def mask(self, own_tokens: int) -> torch.Tensor | None:
+        """Key-padding mask [B, 1, 1, Lc + L], or None when no slot is padded."""
+        if all(n == self.max_len for n in self.lengths):
+            return None
+        lengths = torch.tensor(self.lengths, device=self.device)
+        ctx_ok = torch.arange(self.max_len, device=lengths.device)[None, :] < lengths[:, None]
+        own_ok = torch.ones(len(self.lengths), own_tokens, dtype=torch.bool, device=lengths.device)
+        return torch.cat([ctx_ok, own_ok], dim=1)[:, None, None, :]
+
+
+def attn_batch(model: Denoiser, kv: BatchKV, slots: tuple[Slot, ...], config: SystemConfig) -> AttnBatch:
+    """RoPE of the slots' own frames (absolute positions), the sink turn of each slot, the mask."""
+    cf, sink, window = config.chunk_frames, config.sink_frames, config.window_frames
+    grid = model.grid(config.latent_size)
+    starts = [s.envelope.frame_start for s in slots]
+    own = torch.tensor([list(range(f, f + cf)) for f in starts], dtype=torch.long)
+    shifts = [sink_shift(f, sink, window) for f in starts]
+    if sink and any(shifts):
+        kv.sink_rotation = model.time_shift(torch.tensor(shifts, dtype=torch.long))
+    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=kv.mask(cf * grid[0] * grid[1]))
+
+
+class Stage:
+    def __init__(
+        self,
+        model: Denoiser,
+        config: SystemConfig,
+        blocks: range,
+        sampler: FlowSampler,
+        decoder: DecodePhase | None = None,
+        timer: PhaseTimer | None = None,
+    ) -> None:
+        if not (0 <= blocks.start < blocks.stop <= model.num_blocks) or blocks.step != 1:
+            raise ValueError(f"blocks={blocks!r} is not allowed: a non-empty range within 0..{model.num_blocks}")
+        self.model = model
+        self.config = config
+        self.blocks = blocks
+        self.first = blocks.start == 0
+        self.last = blocks.stop == model.num_blocks
+        if self.last and decoder is None:
+            raise ValueError("the last stage needs a decode phase")
+        self.sampler = sampler
+        self.decoder = decoder
+        self.timer = timer or PhaseTimer(model.device.type)
+        self._windows: dict[str, tuple[int, KVWindow]] = {}  # session -> (epoch, KV window of these blocks)
+        self._held_back: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor]] = []
+
+    # ---- sessions ---------------------------------------------------------------------------------
+
+    def apply(self, control: Control) -> None:
+        for sid, epoch in control.epochs:
+            held = self._windows.get(sid)
+            if held is not None and stale(held[0], epoch):
+                self._forget(held[1])
+                held[1].reset()
+                self._windows[sid] = (epoch, held[1])
+            if self.decoder is not None:
+                self.decoder.epoch(sid, epoch)
+        for sid in control.closed:
+            held = self._windows.pop(sid, None)
+            if held is not None:
+                self._forget(held[1])
+            if self.decoder is not None:
+                self.decoder.close(sid)
+
+    def _forget(self, window: KVWindow) -> None:
+        """Writes held back for ``window`` are of an epoch that ended: they never land."""
+        self._held_back = [h for h in self._held_back if h[0] is not window]
+
+    def window(self, session_id: str) -> KVWindow | None:
+        held = self._windows.get(session_id)
+        return None if held is None else held[1]
+
+    def kv_bytes(self) -> int:
+        return sum(w.nbytes for _, w in self._windows.values())
+
+    def _window(self, env: Envelope) -> KVWindow:
+        held = self._windows.get(env.session_id)
+        if held is None or stale(held[0], env.epoch):  # a new session, or a new epoch not yet announced
+            window = held[1] if held is not None else self._new_window()
+            window.reset()
+            self._windows[env.session_id] = held = (env.epoch, window)
+        elif stale(env.epoch, held[0]):
+            raise RuntimeError(f"chunk {env.key} reached stage {self.blocks} after its epoch ended")
+        return held[1]
+
+    def _new_window(self) -> KVWindow:
+        cfg, model = self.config, self.model
+        return KVWindow(
+            blocks=self.blocks,
+            sink=cfg.sink_frames,
+            window=cfg.window_frames,
+            in_flight_frames=(cfg.steps + 1) * cfg.chunk_frames,
+            tokens_per_frame=cfg.tokens_per_frame,
+            heads=model.heads,
+            head_dim=model.head_dim,
+            dtype=model.dtype,
+            device=model.device,
+        )
+
+    # ---- work -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, mb: MicroBatch, act: Activations) -> Activations:
+        """This stage's part of ``mb``: returns what the next stage needs (the last: the velocity)."""
+        windows = [self._window(s.envelope) for s in mb.slots]
+        alone = mb.first_of_tick and mb.last_of_tick
+        kv = BatchKV(windows, mb.slots, self.config.chunk_frames, None if alone else self._held_back)
+        batch = attn_batch(self.model, kv, mb.slots, self.config)
+        model = self.model
+        with self.timer.phase("dit"):
+            if self.first:
+                assert act.text is not None
+                act.hidden, act.temb, act.tproj, act.enc = model.embed(act.x, act.sigma, act.text)
+                act.text = None
+            assert act.hidden is not None and act.enc is not None and act.tproj is not None
+            act.hidden = model.run_blocks(act.hidden, act.enc, act.tproj, batch, self.blocks)
+            if self.last:
+                assert act.temb is not None
+                act.velocity = model.head(act.hidden, act.temb, tuple(act.x.shape))
+                act.hidden = act.temb = act.tproj = act.enc = None
+        if mb.last_of_tick:
+            for w, block, frames, k, v in self._held_back:
+                w.scatter(block, frames, k, v)
+            self._held_back.clear()
+        if self.last:
+            self._decode(mb, act)
+        return act
+
+    def _decode(self, mb: MicroBatch, act: Activations) -> None:
+        """Chunks whose last step this was leave clean: x0 to the decode phase."""
+        assert self.decoder is not None and act.velocity is not None
+        for i, slot in enumerate(mb.slots):
+            if not slot.last_step:
+                continue
+            x0 = self.sampler.x0(act.x[i : i + 1], act.sigma[i : i + 1], act.velocity[i : i + 1])[0]
+            ready = None
+            if x0.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+            scheduled_at, arrived = mb.timing[i]
+            self.decoder.put(DecodeJob(slot.envelope, x0, scheduled_at, arrived, ready))
