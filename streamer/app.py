@@ -26,7 +26,8 @@ from aiortc import RTCPeerConnection
 
 from pipeline.config import REPO_ROOT, SystemConfig
 from pipeline.engine import Engine, SessionLimitError
-from pipeline.models.loader import Models
+from pipeline.models.loader import Models, load_models
+from pipeline.stages.launch import make_executor
 from streamer.bridge import EngineBridge
 from streamer.datachannel import bound_messages
 from streamer.guard import BODY_SECONDS, Access, error, middleware, normal_origin, read_json, server_names
@@ -53,6 +54,9 @@ class ServerOptions:
     host: str = "127.0.0.1"  # the address the server is bound to: Host headers must name it (see guard)
     allow_hosts: tuple[str, ...] = ()  # more names for Host headers (--allow-host), e.g. behind a proxy
     allow_origins: tuple[str, ...] = ()  # foreign origins allowed, with CORS headers (--allow-origin)
+    stages: int = 1  # the transformer's blocks over this many processes (--stages)
+    split: list[int] | None = None  # blocks per stage (--split); None: balanced by measured cost
+    stage_timeout: float = 2.5  # seconds without a stage's heartbeat before it counts as dead
 
     def __post_init__(self) -> None:
         if not (isinstance(self.connect_timeout, (int, float)) and 0 < self.connect_timeout <= 60):
@@ -84,6 +88,8 @@ STATE = web.AppKey("state", ServerState)
 async def offer(request: web.Request) -> web.Response:
     state = request.app[STATE]
     assert state.bridge is not None
+    if not state.bridge.alive:  # a stage died, say: no offer can be served, whatever it holds
+        return error(503, f"the engine stopped: {state.bridge.failure or 'shutting down'}")
     body = await read_json(request, MAX_BODY_BYTES, state.options.body_timeout)
     try:
         parsed = parse_offer(body)
@@ -252,9 +258,13 @@ def create_app(
 
 async def engine_context(app: web.Application) -> AsyncIterator[None]:
     """Start the engine thread with the app; on shutdown close every session, then stop it."""
-    state = app[STATE]
-    engine = Engine(state.config, state.models, max_input_chunks=state.options.max_input_chunks)
-    state.bridge = EngineBridge(engine, d_in=state.options.d_in, d_out=state.options.d_out)
+    state, options = app[STATE], app[STATE].options
+    models = state.models if state.models is not None else load_models(state.config)
+    executor = await asyncio.to_thread(
+        make_executor, state.config, models, options.stages, options.split, options.stage_timeout, log.info
+    )
+    engine = Engine(state.config, models, executor=executor, max_input_chunks=options.max_input_chunks)
+    state.bridge = EngineBridge(engine, d_in=options.d_in, d_out=options.d_out)
     await state.bridge.start()
     yield
     for session in list(state.sessions.values()):

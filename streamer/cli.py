@@ -1,17 +1,22 @@
 """``streamer`` command line: ``streamer run`` (files and live streams) and ``streamer serve``.
 
 Exit status: 0 done; 2 bad input (the message names the field, path or URL and the value); 3 an
-output failed; 130 interrupted by SIGINT/SIGTERM (files are finished and playable).
+output failed; 4 a stage failed (``--stages``); 130 interrupted by SIGINT/SIGTERM (files are finished
+and playable).
+
+``--stages N`` spreads the transformer's blocks over N processes started here; under ``torchrun`` the
+same command runs on every rank, rank 0 as the CLI or server and the others as its stages.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 
 from pipeline.config import CONFIG_DIR, ConfigError, load_system_config
-from streamer.run import EXIT_BAD_INPUT, cmd_run
+from streamer.run import EXIT_BAD_INPUT, check_stages, cmd_run, parse_split
 
 
 def listen(host: str, port: int) -> list[socket.socket]:
@@ -57,7 +62,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--connect-timeout={args.connect_timeout} is not allowed: more than 0, at most 60 s")
         for origin in args.allow_origin or ():
             normal_origin(origin)
+        split = parse_split(args.split)
+        check_stages(args.stages, split, config.model.num_layers)
         options = ServerOptions(
+            stages=args.stages,
+            split=split,
+            stage_timeout=args.stage_timeout,
             ice_servers=args.ice_server or [],
             d_in=args.d_in,
             d_out=args.d_out,
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timesteps", default=None, help="override the denoising timesteps, e.g. 700,500,400,200")
     run.add_argument("--context", default=None, help="override the visibility rule: stream or clean")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_stage_flags(run)
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="serve the live demo page and the WebRTC API")
@@ -160,13 +171,57 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--d-out", type=int, default=2, help="decoded chunks waiting per session (t2v: the fewest chunks asked ahead)"
     )
+    add_stage_flags(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 
 
+def add_stage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stages",
+        type=int,
+        default=1,
+        help="spread the transformer's blocks over N processes (a GPU each; on a CPU, N processes), started "
+        "here; under torchrun, the number of ranks (default 1: this process alone)",
+    )
+    parser.add_argument(
+        "--split", default=None, help="blocks per stage, e.g. 16,14 (default: balanced by measured cost)"
+    )
+    parser.add_argument(
+        "--stage-timeout",
+        type=float,
+        default=2.5,
+        help="seconds without a stage's heartbeat, or in one micro-batch, before it counts as dead or hung "
+        "(default 2.5)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if torchrun_rank() not in (None, 0):
+        return stage_worker(args)
     return int(args.func(args))
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank when torchrun started it (RANK and WORLD_SIZE set), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+def stage_worker(args: argparse.Namespace) -> int:
+    """Under torchrun every rank runs this same command; all but rank 0 become stages of its ring."""
+    from pipeline.stages.launch import run_worker, torchrun_ring
+
+    try:
+        config = load_system_config(args.config, model_source=args.model, device=args.device, dtype=args.dtype)
+    except ConfigError as e:
+        print(f"streamer: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ring = torchrun_ring(config)
+    assert ring is not None
+    return run_worker(ring)
 
 
 if __name__ == "__main__":

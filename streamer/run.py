@@ -4,7 +4,9 @@ Exit status: 0 done; 2 bad input (the message names the field, path or URL and t
 output failed (a stream that could not connect, or was lost for longer than ``--retry-seconds``; a
 file that could not be written, its partial file removed at once): the others go on, and generation
 stops when none is left;
-130 interrupted by SIGINT/SIGTERM, after finishing a playable file of every frame generated so far.
+4 a stage of ``--stages N`` died, hung or failed (every file is finished and playable, with the frames
+made until then); 130 interrupted by SIGINT/SIGTERM, after finishing a playable file of every frame
+generated so far.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pipeline.commands import Close, Cut, CutDone, Demand, Open, Query, SessionS
 from pipeline.config import ConfigError, SystemConfig, load_system_config
 from pipeline.engine import Engine
 from pipeline.feeder import Feeder
+from pipeline.models.loader import load_models
+from pipeline.stages.launch import make_executor
+from pipeline.stages.transport import StageFailure
 from pipeline.types import UserParams
 from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
@@ -36,6 +41,7 @@ from streamer.ingress import InputError, LiveSource, VideoFileSource, is_live
 from streamer.prompts import PromptEvent, PromptScript, PromptScriptError, load_prompts
 
 EXIT_BAD_INPUT = 2
+EXIT_STAGE_FAILED = 4
 EXIT_OUTPUT_FAILED = 3
 EXIT_INTERRUPTED = 130
 
@@ -240,8 +246,9 @@ def generate(
     bar: tqdm,
     realtime: bool = False,
     script: PromptScript | None = None,
-) -> int:
-    """Run the engine until ``total`` frames are made, the input ends, ``stop`` is set, or every output has failed.
+) -> tuple[int, StageFailure | None]:
+    """Run the engine until ``total`` frames are made, the input ends, ``stop`` is set, every output has
+    failed, or a stage failed; returns the frames made and the stage failure, if any.
 
     ``realtime`` (a live stream among the outputs): frames go to the outputs at most ``LEAD_SECONDS`` ahead
     of the wall clock (:class:`Release`), and generation waits while any are held back.
@@ -278,7 +285,12 @@ def generate(
             ended = feed(engine, feeder, status, frames_in, boundary - feeder.given)
         if not engine.has_work():
             break
-        for chunk in engine.step():
+        try:
+            chunks = engine.step()
+        except StageFailure as e:  # what was made still goes out; the run ends with the stage's error
+            release.release(everything=True)
+            return made, e
+        for chunk in chunks:
             frames = chunk.frames[: total - made]
             release.add(frames)
             made += len(frames)
@@ -286,7 +298,7 @@ def generate(
             bar.set_postfix_str(f"{made / config.fps / (time.perf_counter() - start):.2f}x real time", refresh=False)
     release.release(everything=True)  # stopped by a signal or an output: what was made still goes out
     engine.apply(Close(sid))
-    return made
+    return made, None
 
 
 def apply_event(engine: Engine, sid: str, event: PromptEvent, frame: int, fps: int) -> None:
@@ -367,11 +379,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"--frames={args.frames} is not allowed: an integer from 1 to {most} (365 days at {config.fps} fps)"
             )
         total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
+        split = parse_split(args.split)
+        models = load_models(config)
+        check_stages(args.stages, split, models.dit.num_blocks)
         source = open_input(args.input, config) if args.input else None
-        engine = Engine(config)
     except (ConfigError, OutputError, InputError, PromptScriptError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:
+        executor = make_executor(config, models, args.stages, split, args.stage_timeout, log=say)
+    except StageFailure as e:
+        print(f"streamer: error: {e}", file=sys.stderr)
+        if source is not None:
+            source.close()
+        return EXIT_STAGE_FAILED
+    engine = Engine(config, models, executor=executor)
     mode = f"v2v from {args.input}{' (live)' if isinstance(source, LiveSource) else ''}" if source else "t2v"
     names = ", ".join(t.where for t in targets)
     print(
@@ -392,7 +414,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         realtime = any(t.stream for t in targets)
-        made = generate(engine, params, source, total, outputs, stop, bar, realtime, script)
+        made, failure = generate(engine, params, source, total, outputs, stop, bar, realtime, script)
     except BaseException:
         for out in outputs:
             out.abort()
@@ -411,6 +433,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"streamer:   {describe(r)}", file=sys.stderr)
     if isinstance(source, LiveSource):
         print(f"streamer:   input: {source.dropped} frames dropped (newest frames win)", file=sys.stderr)
+    if failure is not None:
+        print(f"streamer: error: {failure}; generation stopped after {summary}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_STAGE_FAILED)  # the files are finished; gloo's teardown would wait for the stage that is gone
     if all(r.error for r in reports):
         print(f"streamer: error: every output failed; generation stopped after {summary}", file=sys.stderr)
         return EXIT_OUTPUT_FAILED
@@ -419,6 +446,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print(f"streamer: generated {summary}", file=sys.stderr)
     return EXIT_OUTPUT_FAILED if any(r.error for r in reports) else 0
+
+
+def say(message: str) -> None:
+    print(f"streamer: {message}", file=sys.stderr)
+
+
+def parse_split(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--split={text!r} is not allowed: blocks per stage, e.g. 16,14") from None
+
+
+def check_stages(stages: int, split: list[int] | None, num_blocks: int) -> None:
+    if not 1 <= stages <= num_blocks:
+        raise ValueError(f"--stages={stages} is not allowed: from 1 to the model's {num_blocks} blocks (one each)")
+    if split is not None and (len(split) != stages or min(split) < 1 or sum(split) != num_blocks):
+        raise ValueError(
+            f"--split={','.join(map(str, split))} is not allowed: {stages} counts of at least 1 block adding up to "
+            f"the model's {num_blocks}"
+        )
 
 
 def parse_timesteps(text: str | None) -> list[float] | None:

@@ -97,7 +97,7 @@ def split_blocks(costs: dict[str, Any], stages: int) -> tuple[range, ...]:
         for i in range(k, n - (stages - k) + 1):
             for j in range(k - 1, i):
                 value = max(best[k - 1][j], cost(k - 1, j, i))
-                if value < best[k][i]:
+                if value <= best[k][i]:  # a tie: the later stage the shorter (the last one decodes)
                     best[k][i], cut[k][i] = value, j
     bounds = [n]
     for k in range(stages, 0, -1):

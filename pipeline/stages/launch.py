@@ -31,7 +31,7 @@ from pipeline.stages.stage import Stage
 from pipeline.stages.transport import Board, Ring, StageFailure, connect, edge_groups, stage_device
 from pipeline.stats import PhaseTimer
 
-STAGE_TIMEOUT_S = 3.0  # a stage with no heartbeat for this long died or hangs
+STAGE_TIMEOUT_S = 2.5  # a stage with no heartbeat for this long died or hangs
 START_TIMEOUT_S = 300.0  # every stage loads its model within this
 
 
@@ -62,6 +62,24 @@ def torchrun_ring(config: SystemConfig) -> Ring | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     return Ring(rank, world, stage_device(config.device, rank), addr, port)
+
+
+def make_executor(
+    config: SystemConfig,
+    models: Models,
+    stages: int = 1,
+    split: Sequence[int] | None = None,
+    timeout: float = STAGE_TIMEOUT_S,
+    log: Any = None,
+) -> Any:
+    """The engine's executor for ``stages``: this process alone (1), or a ring (see :func:`start_ring`)."""
+    if stages == 1 and torchrun_ring(config) is None:
+        if split is not None:
+            raise ValueError(f"split={','.join(map(str, split))} is not allowed with one stage")
+        from pipeline.executor import local_executor
+
+        return local_executor(config, models)
+    return start_ring(config, models, stages, split=split, timeout=timeout, log=log)
 
 
 def backend_for(device: torch.device) -> str:
@@ -110,6 +128,7 @@ def start_ring(
     try:
         store = connect(ring, backend_for(ring.device))
         groups = edge_groups(stages)
+        threads = share_cores(ring)
         costs: dict[str, Any] = {}
         if split is None:
             costs = measure(config, models)
@@ -128,7 +147,7 @@ def start_ring(
             log(f"{stages} stages ({backend_for(ring.device)}): {sizes}; the last one decodes")
         trim(models, blocks[0])
         stage = Stage(models.dit, config, blocks[0], models.sampler, None, PhaseTimer(ring.device.type))
-        executor = RingExecutor(stage, ring, board, groups, capacity=2 * stages, processes=processes)
+        executor = RingExecutor(stage, ring, board, groups, capacity=2 * stages, processes=processes, threads=threads)
         executor.decode_depth = 1 if threaded else 0
         return executor
     except BaseException:
@@ -154,6 +173,16 @@ def spawn(ring: Ring, rank: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd)
 
 
+def share_cores(ring: Ring) -> int:
+    """CPU stages on one machine share its cores: each takes its part, unless OMP_NUM_THREADS says
+    otherwise (torchrun sets it), so that S processes do not oversubscribe them. Returns the thread
+    count before."""
+    before = torch.get_num_threads()
+    if ring.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ring.world))
+    return before
+
+
 def wait_ready(store: Any, board: Board, stages: int) -> None:
     """Every stage has loaded its blocks (or one failed: its error, here)."""
     keys = [f"ready/{r}" for r in range(1, stages)]
@@ -172,6 +201,7 @@ def run_worker(ring: Ring) -> int:
 
     store = connect(ring, backend_for(ring.device))
     groups = edge_groups(ring.world)
+    share_cores(ring)
     plan: StagePlan = pickle.loads(store.get("plan"))
     board = Board(store, ring, plan.timeout)
     try:
@@ -192,13 +222,12 @@ def run_worker(ring: Ring) -> int:
         store.set(f"ready/{ring.rank}", "1")
         run_stage(stage, ring, board, groups)
         return 0
-    except StageFailure as e:
-        print(f"streamer stage {ring.rank}: error: {e}", file=sys.stderr)
-        return 4
     except BaseException as e:
-        board.post(f"{type(e).__name__}: {e}")
-        print(f"streamer stage {ring.rank}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 4
+        if not isinstance(e, StageFailure):
+            board.post(f"{type(e).__name__}: {e}")
+        print(f"streamer stage {ring.rank}: error: {e if isinstance(e, StageFailure) else repr(e)}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(4)  # at once: the ring is broken, and gloo's teardown would wait for the peer that is gone
     finally:
         board.close()
 

@@ -75,6 +75,7 @@ class RingExecutor:
         groups: dict[tuple[int, int], Any],
         capacity: int,
         processes: Sequence[Any] = (),
+        threads: int | None = None,
     ) -> None:
         if not stage.first or stage.last:
             raise ValueError(f"stage 0 of a ring runs the first blocks and not the last; got {stage.blocks}")
@@ -91,6 +92,7 @@ class RingExecutor:
         self._events: deque[Event] = deque()
         self._closed = False
         self.processes = list(processes)  # the stages this process spawned (none under torchrun)
+        self._threads = threads  # this process's torch threads before the ring took its share
 
     def split(self, plan: TickPlan) -> list[tuple[int, ...]]:
         return split_slots(plan.slots, "step", self.stages)
@@ -138,6 +140,7 @@ class RingExecutor:
         if self._closed:
             return
         self._closed = True
+        failed = False
         try:
             self.link.send("stop", None)
             deadline = time.monotonic() + 10
@@ -147,17 +150,21 @@ class RingExecutor:
                     break
             self.link.flush()
         except StageFailure:
-            pass
+            failed = True  # the stages that are left stop on their own; one that hangs is killed
         finally:
             self.board.close()
             for p in self.processes:
+                if failed:  # a broken ring: what is left of it goes now (a hung stage would never leave)
+                    p.kill()
                 try:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-            if dist.is_initialized():
+            if dist.is_initialized() and not failed:  # after a failure gloo's teardown may wait for a dead peer
                 dist.destroy_process_group()
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
 
 
 def run_stage(stage: Stage, ring: Ring, board: Board, groups: dict[tuple[int, int], Any]) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -62,9 +62,15 @@ class Ring:
 def connect(ring: Ring, backend: str, timeout: float = 120.0) -> dist.TCPStore:
     """Join the ring: rank 0 hosts the store at ``addr:port`` (the rendezvous, the heartbeats and the
     failure board), the others connect to it; then the process group over that store."""
-    store = dist.TCPStore(ring.addr, ring.port, ring.world, ring.rank == 0, timeout=datetime.timedelta(seconds=timeout))
+    host = ring.rank == 0 and not _agent_store()
+    store = dist.TCPStore(ring.addr, ring.port, ring.world, host, timeout=datetime.timedelta(seconds=timeout))
     dist.init_process_group(backend, store=store, rank=ring.rank, world_size=ring.world)
     return store
+
+
+def _agent_store() -> bool:
+    """torchrun's agent already hosts the store at MASTER_ADDR:MASTER_PORT: every rank is its client."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 class Board:
@@ -219,10 +225,19 @@ class Link:
                     return None
                 continue
             if isinstance(got, BaseException):
-                self.board.check(force=True)  # another stage's error first, if it posted one
-                self.board.post(f"the link from stage {self.ring.prev} broke: {type(got).__name__}: {got}")
-                raise StageFailure(f"stage {self.ring.rank}: the link from stage {self.ring.prev} broke: {got}")
+                self._broken(got)
             return got
+
+    def _broken(self, error: BaseException) -> NoReturn:
+        """The link from the previous stage broke: say why if anyone can (a process that exited, a failure
+        posted), else say what broke."""
+        for _ in range(10):
+            self.board.check(force=True)
+            time.sleep(0.05)
+        detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        message = f"the link from stage {self.ring.prev} broke: it died or closed the connection ({detail})"
+        self.board.post(message)
+        raise StageFailure(f"stage {self.ring.rank}: {message}")
 
     def flush(self) -> None:
         """Wait until every queued message has been sent."""
