@@ -95,20 +95,22 @@ class DecodePhase:
     def pending(self) -> int:
         return self._pending
 
-    def put(self, job: DecodeJob) -> None:
-        """Decode ``job``: at once (phase off), or queued for the worker, waiting while ``bound`` wait."""
+    def put(self, jobs: list[DecodeJob]) -> None:
+        """Decode ``jobs`` (a micro-batch's clean chunks): at once, together (phase off), or queued for the
+        worker one by one, each waiting while ``bound`` wait."""
         self._raise()
         with self._done:
-            self._pending += 1
+            self._pending += len(jobs)
         if not self.threaded:
-            self._decode([job])
+            self._decode(list(jobs))
             return
-        while True:
-            try:
-                self._jobs.put(job, timeout=0.5)
-                return
-            except queue.Full:
-                self._raise()
+        for job in jobs:
+            while True:
+                try:
+                    self._jobs.put(job, timeout=0.5)
+                    break
+                except queue.Full:
+                    self._raise()
 
     def take(self, timeout: float = 0.0) -> list[DecodedChunk]:
         """Chunks decoded so far (in the order they were put, per session); waits up to ``timeout``

@@ -113,6 +113,7 @@ class LocalExecutor:
         assert stage.decoder is not None
         self.decoder: DecodePhase = stage.decoder
         self.decode_depth = 1 if self.decoder.threaded else 0
+        self.blocks = (stage.blocks,)
         self._results: deque[Velocity] = deque()
 
     def split(self, plan: TickPlan) -> list[tuple[int, ...]]:

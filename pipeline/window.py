@@ -1,4 +1,4 @@
-"""The per-session rolling window: chunks in flight and the KV window (DESIGN §2, §5).
+"""The KV window of a session for a range of blocks (DESIGN §2, §5); chunks in flight live in pipeline/state.py.
 
 KV window layout, per owned block: ``sink_frames`` positions that hold latent frames
 ``0..sink-1`` for ever, then a ring of ``window_frames + (steps+1)·chunk_frames`` positions for the
@@ -19,11 +19,7 @@ never leaves the distances the model knows, and nothing jumps when the window st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-
-from pipeline.types import Envelope, UserParams
 
 
 def context_frames(frame_start: int, sink: int, window: int) -> tuple[int, ...]:
@@ -128,43 +124,3 @@ class KVWindow:
         if block == self.blocks.start:
             for f, p in zip(frames, self.positions(frames), strict=True):
                 self.held[p] = f
-
-
-@dataclass
-class ChunkState:
-    """One chunk in flight: its latents move through the steps, then one σ=0 write."""
-
-    envelope: Envelope
-    sigmas: tuple[float, ...]  # this chunk's noise levels (t2v: the table; v2v: scaled by strength)
-    step: int  # next step to run; == len(sigmas) when only its σ=0 write is left
-    x: torch.Tensor  # [C, F, h, w]: x at sigmas[step], or x0 once clean
-    text: torch.Tensor  # [text_len, text_dim] conditioning of its prompt
-    scheduled_at: float = 0.0  # time.monotonic() when it entered the window (latency is measured from it)
-
-    @property
-    def sigma(self) -> float:
-        return self.sigmas[self.step] if self.step < len(self.sigmas) else 0.0
-
-    @property
-    def clean(self) -> bool:
-        return self.step >= len(self.sigmas)
-
-
-@dataclass
-class SessionWindow:
-    """Everything the engine keeps for one session; changed only by the engine's update step."""
-
-    session_id: str
-    mode: str  # "t2v" or "v2v"
-    params: UserParams  # current user params; new chunks snapshot them
-    kv: KVWindow
-    epoch: int = 0
-    next_chunk_index: int = 0  # counts across epochs
-    next_frame: int = 0  # next chunk's first latent frame, within the epoch
-    next_video_frame: int = 0  # output timeline: first video frame of the next chunk
-    in_flight: list[ChunkState] = field(default_factory=list)  # oldest first
-    demand: int = 0  # t2v: chunks asked for and not yet started
-    inputs: list[torch.Tensor] = field(default_factory=list)  # v2v: encoded input chunks [C, F, h, w]
-
-    def has_input(self) -> bool:
-        return bool(self.inputs) if self.mode == "v2v" else self.demand > 0

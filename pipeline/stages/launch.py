@@ -149,6 +149,8 @@ def start_ring(
         stage = Stage(models.dit, config, blocks[0], models.sampler, None, PhaseTimer(ring.device.type))
         executor = RingExecutor(stage, ring, board, groups, capacity=2 * stages, processes=processes, threads=threads)
         executor.decode_depth = 1 if threaded else 0
+        executor.blocks = blocks
+        executor.costs = costs
         return executor
     except BaseException:
         for p in processes:

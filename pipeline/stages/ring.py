@@ -93,6 +93,8 @@ class RingExecutor:
         self._closed = False
         self.processes = list(processes)  # the stages this process spawned (none under torchrun)
         self._threads = threads  # this process's torch threads before the ring took its share
+        self.blocks: tuple[range, ...] = (stage.blocks,)  # every stage's blocks, once the plan is made
+        self.costs: dict[str, Any] = {}  # what the split was made from (pipeline.stages.balance.measure)
 
     def split(self, plan: TickPlan) -> list[tuple[int, ...]]:
         return split_slots(plan.slots, "step", self.stages)

@@ -252,6 +252,7 @@ class Stage:
     def _decode(self, mb: MicroBatch, act: Activations) -> None:
         """Chunks whose last step this was leave clean: x0 to the decode phase."""
         assert self.decoder is not None and act.velocity is not None
+        jobs = []
         for i, slot in enumerate(mb.slots):
             if not slot.last_step:
                 continue
@@ -261,4 +262,6 @@ class Stage:
                 ready = torch.cuda.Event()
                 ready.record()
             scheduled_at, arrived = mb.timing[i]
-            self.decoder.put(DecodeJob(slot.envelope, x0, scheduled_at, arrived, ready))
+            jobs.append(DecodeJob(slot.envelope, x0, scheduled_at, arrived, ready))
+        if jobs:
+            self.decoder.put(jobs)

@@ -31,3 +31,27 @@ def test_streaming_encode_equals_one_call_encode():
     stream = vae.new_stream()
     parts = [vae.encode(stream, video[:, :, a:b]) for a, b in ((0, 1), (1, 9), (9, 17))]
     assert torch.allclose(torch.cat(parts, dim=2), whole, atol=1e-12, rtol=0)
+
+
+def test_the_onednn_conv3d_route_computes_what_torch_s_own_does():
+    """Every Conv3d of the VAE is routed through oneDNN on a CPU (torch's batch-of-one path is 4x slower);
+    streaming tests compare the VAE with itself, so the route is pinned against F.conv3d here."""
+    from pipeline.models.vae import _mkldnn_conv3d
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.nn.Conv3d(4, 6, 3), (1, 4, 3, 8, 8)),
+        (torch.nn.Conv3d(4, 6, 3, padding=(0, 1, 1)), (2, 4, 3, 8, 8)),
+        (torch.nn.Conv3d(4, 8, (3, 1, 1), stride=(1, 2, 2)), (1, 4, 5, 8, 8)),
+        (torch.nn.Conv3d(6, 6, 1, groups=3), (1, 6, 2, 5, 7)),
+    ]
+    for conv, shape in cases:
+        x = torch.randn(*shape, generator=g)
+        want = torch.nn.functional.conv3d(
+            x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        got = _mkldnn_conv3d(conv, x, conv.weight, conv.bias)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), conv
+    x64 = torch.randn(1, 4, 3, 8, 8, dtype=torch.float64, generator=g)  # not float32: torch's own path
+    conv = cases[0][0].double()
+    assert torch.equal(_mkldnn_conv3d(conv, x64, conv.weight, conv.bias), conv(x64))
