@@ -41,10 +41,10 @@ def _mkldnn_conv3d(
     """``Conv3d._conv_forward`` with the same maths through oneDNN on a CPU: for a batch of one, torch
     picks its unblocked ``slow_conv3d``, which made a 128x128 tiny VAE decode 4x slower (237 ms against
     58 ms for one session on a 2-core CPU) than the batched calls of several sessions."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and conv.padding_mode == "zeros":
-        if not isinstance(conv.padding, str):  # "same"/"valid" are left to torch
-            args = (conv.padding, conv.stride, conv.dilation, conv.groups)
-            return torch.mkldnn_convolution(x.contiguous(), weight, bias, *args)
+    cpu_float = x.device.type == "cpu" and x.dtype == torch.float32
+    if cpu_float and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):  # "same"/"valid": torch's
+        args = (conv.padding, conv.stride, conv.dilation, conv.groups)
+        return torch.mkldnn_convolution(x.contiguous(), weight, bias, *args)
     return torch.nn.Conv3d._conv_forward(conv, x, weight, bias)
 
 
