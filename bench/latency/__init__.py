@@ -13,8 +13,9 @@ Paths, measured one after the other in this order (``--paths``), each for ``--se
   (the pipeline stays full). v2v: numbered frames (``bench.frameid``) from a synthetic source
   of the model's fps; ``--engine-source max`` (default) makes them the moment the engine wants input,
   so neither throughput nor latency waits for a camera; ``realtime`` makes frame k at t0 + k/fps and
-  the newest waiting frames win, as the server's chunker does. Stage times: the DiT executor and the
-  VAE decode/encode, timed per call (``StageTimes``), and the whole tick (``engine.stats``).
+  the newest waiting frames win, as the server's chunker does (handed over by the one feeder,
+  ``pipeline.feeder``). Stage times: the engine's own phase timer (``engine.timer``: DiT, decode,
+  encode per call) and the whole tick (``engine.stats``).
 - ``webrtc``: a server made with ``create_app`` in this process on 127.0.0.1, port 0 (or ``--server
   URL``), and an aiortc client on loopback with an empty ICE server list. t2v receives; v2v sends
   numbered frames at 30 fps (aiortc's ``VideoStreamTrack`` clock) and reads the ids back.
@@ -25,7 +26,7 @@ Paths, measured one after the other in this order (``--paths``), each for ``--se
 
 How each number is measured (per path; times are ``time.monotonic()`` unless said otherwise):
 
-- ``ttff_ms``: engine: ``open_session`` -> first chunk out of ``step()``; webrtc: offer POSTed -> first
+- ``ttff_ms``: engine: the ``Open`` command -> first chunk out of ``step()``; webrtc: offer POSTed -> first
   frame out of the client track's ``recv()``; browser: ``#start`` clicked -> first frame presented
   (``requestVideoFrameCallback``'s ``presentationTime``), both on the page's clock.
 - ``fps``: frames out after the first output / time since the first output (engine: chunks out of
@@ -53,8 +54,8 @@ How each number is measured (per path; times are ``time.monotonic()`` unless sai
   (``latency_to_arrival_ms``, ``ttff_arrival_ms``) and the hold (``client_jitter_buffer_ms``); with an
   in-process server, ``server_ms`` (chunk scheduled -> frame sent) and ``server_send_period_ms``.
   Browser: ``server_ms``, ``sent_to_received_ms`` and ``received_to_presented_ms`` (rVFC receiveTime).
-- ``stages_ms``: ms per call of the DiT executor, VAE decode/encode and whole ticks (the server's engine
-  for webrtc and browser, which run the same StageTimes wrappers).
+- ``stages_ms``: ms per call of the engine's phases (``dit``, ``decode``, ``encode``, from its own timer)
+  and per tick (``tick``); for webrtc and browser, those of the server's engine.
 
 Top level: the webrtc path's numbers (what a client is served) and the system efficiency
 (``bench/latency/efficiency.py``): t2v, the served path's throughput with pacing off ÷ the engine alone,
