@@ -30,10 +30,11 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-POLL_S = 0.001  # how often a waiting receive looks again
+HOOK_S = 0.01  # how often a waiting receive runs its while_waiting hook (the last stage sends decoded chunks)
 CHECK_S = 0.2  # how often the board is read while waiting
 BEAT_S = 0.25  # how often a rank's heartbeat counter moves
 HEADER_BYTES = 1 << 20  # a header larger than this is a bug (they are a few KiB)
+RECEIVED_MAX = 1024  # messages received and not yet taken, on one link
 
 
 class StageFailure(RuntimeError):
@@ -184,7 +185,9 @@ class Link:
         self._out_group = groups[(ring.rank, ring.next)]
         self._in_group = groups[(ring.prev, ring.rank)]
         self._sends: queue.Queue[Message] = queue.Queue(maxsize=max_sends)
-        self._received: queue.Queue[Message | BaseException] = queue.Queue()
+        # What comes in is bounded at its source (the dispatcher lets 2S micro-batches out, the decode
+        # queue bounds decoded chunks), so this never fills; were it to, the receiver would wait (block).
+        self._received: queue.Queue[Message | BaseException] = queue.Queue(maxsize=RECEIVED_MAX)
         self._sending = 0  # messages queued or being sent
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -214,7 +217,7 @@ class Link:
         while True:
             wait = CHECK_S if end is None else max(0.0, min(CHECK_S, end - time.monotonic()))
             if while_waiting is not None:
-                wait = min(wait, POLL_S * 10)
+                wait = min(wait, HOOK_S)
             try:
                 got = self._received.get(timeout=wait) if wait > 0 else self._received.get_nowait()
             except queue.Empty:
