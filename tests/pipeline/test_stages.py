@@ -42,7 +42,8 @@ def scenario(engine: Engine) -> dict[tuple[str, int, int], tuple[np.ndarray, tor
         if need and fed < len(frames):
             assert submit(engine, v, frames[fed : fed + need])
             fed += need
-        if not cut and engine.apply(Query(a)).undelivered == 0 and engine.stats.ticks > 3:
+        status = engine.apply(Query(a))
+        if not cut and status.demand == 0 and status.undelivered == 0:  # all 5 asked for are out
             done = engine.apply(Cut(a, demand=4))  # a new epoch of 4 chunks with an empty context
             assert done.epoch == 1
             cut = True
