@@ -1,5 +1,4 @@
 import dataclasses
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import CONFIG_DIR, SystemConfig, load_system_config, replace
+from pipeline.stages.launch import free_port  # noqa: F401  (tests import it from here)
 
 torch.set_num_threads(2)
 
@@ -20,13 +20,6 @@ def run_streamer(*args: str, timeout: float = 300, **kw) -> subprocess.Completed
     return subprocess.run(
         [sys.executable, "-m", "streamer", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def count_frames(path: Path) -> int:

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.config import SystemConfig
 from pipeline.decode import DecodePhase
+from pipeline.executor import LocalExecutor, local_executor
 from pipeline.models.loader import Models
 from pipeline.stages.balance import measure, split_blocks
 from pipeline.stages.ring import RingExecutor
@@ -46,10 +47,10 @@ class StagePlan:
     keep_latents: bool  # decoded chunks carry x0 (tests)
     decode_bound: int
     timeout: float  # heartbeat timeout, seconds
-    costs: dict[str, Any] = field(default_factory=dict)  # what was measured, for the log and benchmarks
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -71,13 +72,11 @@ def make_executor(
     split: Sequence[int] | None = None,
     timeout: float = STAGE_TIMEOUT_S,
     log: Any = None,
-) -> Any:
+) -> LocalExecutor | RingExecutor:
     """The engine's executor for ``stages``: this process alone (1), or a ring (see :func:`start_ring`)."""
     if stages == 1 and torchrun_ring(config) is None:
         if split is not None:
             raise ValueError(f"split={','.join(map(str, split))} is not allowed with one stage")
-        from pipeline.executor import local_executor
-
         return local_executor(config, models)
     return start_ring(config, models, stages, split=split, timeout=timeout, log=log)
 
@@ -136,9 +135,7 @@ def start_ring(
         else:
             blocks = blocks_of(split, num_blocks, stages)
         threaded = config.threaded_decode if threaded_decode is None else threaded_decode
-        plan = StagePlan(
-            config, blocks, random_weights, threaded, keep_latents, max(2, config.max_sessions), timeout, costs
-        )
+        plan = StagePlan(config, blocks, random_weights, threaded, keep_latents, max(2, config.max_sessions), timeout)
         store.set("plan", pickle.dumps(plan))  # type: ignore[arg-type]  # the store takes bytes too
         board = Board(store, ring, timeout, processes)
         wait_ready(store, board, stages)
@@ -147,11 +144,18 @@ def start_ring(
             log(f"{stages} stages ({backend_for(ring.device)}): {sizes}; the last one decodes")
         trim(models, blocks[0])
         stage = Stage(models.dit, config, blocks[0], models.sampler, None, PhaseTimer(ring.device.type))
-        executor = RingExecutor(stage, ring, board, groups, capacity=2 * stages, processes=processes, threads=threads)
-        executor.decode_depth = 1 if threaded else 0
-        executor.blocks = blocks
-        executor.costs = costs
-        return executor
+        return RingExecutor(
+            stage,
+            ring,
+            board,
+            groups,
+            capacity=2 * stages,
+            blocks=blocks,
+            costs=costs,
+            decode_depth=1 if threaded else 0,
+            processes=processes,
+            threads=threads,
+        )
     except BaseException:
         for p in processes:
             p.kill()

@@ -65,8 +65,6 @@ def unpack(tensors: list[torch.Tensor]) -> Activations:
 class RingExecutor:
     """Stage 0's side: the engine's executor when the blocks are spread over S processes."""
 
-    decode_depth = 1  # the last stage decodes beside its blocks
-
     def __init__(
         self,
         stage: Stage,
@@ -74,6 +72,9 @@ class RingExecutor:
         board: Board,
         groups: dict[tuple[int, int], Any],
         capacity: int,
+        blocks: tuple[range, ...],
+        costs: dict[str, Any],
+        decode_depth: int,
         processes: Sequence[Any] = (),
         threads: int | None = None,
     ) -> None:
@@ -84,6 +85,9 @@ class RingExecutor:
         self.board = board
         self.stages = ring.world
         self.capacity = capacity
+        self.blocks = blocks  # every stage's blocks
+        self.costs = costs  # what the split was made from (pipeline.stages.balance.measure); {}: --split
+        self.decode_depth = decode_depth  # 1: the last stage decodes beside its blocks; 0: within them
         self.timer: PhaseTimer = stage.timer
         self.link = Link(ring, board, groups)
         self._expected = 0  # decodes asked for: last steps issued
@@ -93,8 +97,6 @@ class RingExecutor:
         self._closed = False
         self.processes = list(processes)  # the stages this process spawned (none under torchrun)
         self._threads = threads  # this process's torch threads before the ring took its share
-        self.blocks: tuple[range, ...] = (stage.blocks,)  # every stage's blocks, once the plan is made
-        self.costs: dict[str, Any] = {}  # what the split was made from (pipeline.stages.balance.measure)
 
     def split(self, plan: TickPlan) -> list[tuple[int, ...]]:
         return split_slots(plan.slots, "step", self.stages)

@@ -37,12 +37,6 @@ class Control:
     epochs: tuple[tuple[str, int], ...] = ()  # (session, its epoch) after a cut: KV windows and decoder start over
     closed: tuple[str, ...] = ()  # sessions closed: everything of theirs is freed
 
-    def __bool__(self) -> bool:
-        return bool(self.epochs or self.closed)
-
-    def merged(self, other: Control) -> Control:
-        return Control(self.epochs + other.epochs, self.closed + other.closed)
-
 
 @dataclass(frozen=True)
 class MicroBatch:
