@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.sampling import sigmas_from_timesteps
+from pipeline.models.attention import BACKENDS, FLASH_MODULES, backend_installed
+from pipeline.sampling import sigmas_from_timesteps, table_sigma
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -79,6 +81,29 @@ class ModelPreset:
         return ident
 
 
+CHECKPOINT_FORMATS = ("self-forcing", "causvid", "sdv2", "longlive", "safetensors", "auto")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A causal checkpoint in its authors' format that provides the transformer (pipeline/models/checkpoints.py);
+    the VAE, text encoder and tokenizer still come from the model folder (or the preset's random weights)."""
+
+    path: str  # the .pt / .safetensors file (sdv2: also the folder holding model.pt)
+    format: str = "auto"  # one of CHECKPOINT_FORMATS; "auto" reads it from the file's keys
+    lora: str | None = None  # a PEFT LoRA file merged into the weights at load (LongLive's lora.pt)
+    lora_scale: float = 1.0  # W + lora_scale * alpha/rank * B @ A
+    ema: bool | None = None  # the EMA weights (generator_ema); None: the format's own default
+
+    def __post_init__(self) -> None:
+        if self.format not in CHECKPOINT_FORMATS:
+            raise _fail("checkpoint", "format", self.format, f"one of {CHECKPOINT_FORMATS}")
+        if not math.isfinite(self.lora_scale):
+            raise _fail("checkpoint", "lora_scale", self.lora_scale, "a finite number")
+        if self.lora_scale != 1.0 and self.lora is None:
+            raise _fail("checkpoint", "lora_scale", self.lora_scale, "1.0 without a LoRA file (--lora)")
+
+
 @dataclass(frozen=True)
 class SystemConfig:
     """Launch-time settings: fixed for the life of the process."""
@@ -97,6 +122,33 @@ class SystemConfig:
     timesteps: tuple[float, ...]  # denoising timesteps in use (default: the model's)
     fps: int  # output video frames per second
     decode_phase: str = "auto"  # "thread": decode beside the DiT; "inline": within the tick; "auto": thread on a GPU
+    decoder: str = "wan"  # frames from latents: "wan" (the Wan VAE) or "taehv" (the tiny one; encode stays Wan's)
+    decoder_path: str | None = None  # taehv: the local taew2_1.pth (None: seeded random weights, random presets only)
+    checkpoint: CheckpointSpec | None = None  # the transformer from a causal checkpoint (CLI --checkpoint)
+    # per-step rule (StreamDiffusionV2's system, pipeline/perstep.py): latent frames of an epoch's first chunk,
+    # the similarity under which a sink frame is replaced (-1: never), the frame position at which RoPE
+    # positions wrap back (0: never)
+    first_chunk_frames: int = 0  # 0: chunk_frames
+    adaptive_sink: float = -1.0
+    rope_refresh: int = 0
+    # how a timestep becomes (σ, the model's time input): "shift" σ = shift(t/1000), time = 1000·σ;
+    # "table" (StreamDiffusionV2 / CausVid code): σ of the 1000-entry shifted table nearest t, time = t
+    timestep_rule: str = "shift"
+    shift: float = 0.0  # 0: the model's
+    # memory (pipeline/memory.py): where the UMT5 runs ("": the DiT's device; "cpu": its embeddings are moved
+    # to the DiT's device), and what is kept off the GPU ("text": the text encoder; "swap"/"layers": not built)
+    text_encoder_device: str = ""
+    offload: str = "none"
+    # speed levers of the DiT (pipeline/models/attention.py; each gives the same numbers on or off, bench.peer_sdv2
+    # measures them): the attention kernel, attn2's text keys/values once per prompt, RoPE tables kept on the device
+    attention: str = "sdpa"  # "sdpa" (torch picks cuDNN / flash / efficient / math), "flash2", "flash3", "flash4"
+    text_kv_cache: bool = True
+    rope_cache: bool = True
+
+    @property
+    def text_device(self) -> str:
+        """The text encoder's device: ``cpu`` with ``offload: text``, else as set, else the DiT's."""
+        return "cpu" if self.offload == "text" else (self.text_encoder_device or self.device)
 
     @property
     def threaded_decode(self) -> bool:
@@ -111,8 +163,29 @@ class SystemConfig:
     def steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def flow_shift(self) -> float:
+        return self.shift or self.model.shift
+
     def sigmas(self) -> tuple[float, ...]:
-        return sigmas_from_timesteps(self.timesteps, self.model.shift)
+        if self.timestep_rule == "table":
+            return tuple(table_sigma(t, self.flow_shift) for t in self.timesteps)
+        return sigmas_from_timesteps(self.timesteps, self.flow_shift)
+
+    def model_times(self) -> tuple[float, ...]:
+        """The time input the model gets at each step (its timestep embedding), aligned with :meth:`sigmas`."""
+        if self.timestep_rule == "table":
+            return self.timesteps
+        return tuple(1000.0 * s for s in self.sigmas())
+
+    @property
+    def first_frames(self) -> int:
+        """Latent frames of an epoch's first chunk."""
+        return self.first_chunk_frames or self.chunk_frames
+
+    def latent_frames(self, frame_start: int) -> int:
+        """Latent frames of the chunk that starts at latent frame ``frame_start`` of its epoch."""
+        return self.first_frames if frame_start == 0 else self.chunk_frames
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -138,11 +211,12 @@ class SystemConfig:
             "dtype": self.dtype,
             "device": self.device,
             "decode_phase": "thread" if self.threaded_decode else "inline",
+            "decoder": self.decoder,
         }
 
     def frames_for_chunk(self, first: bool) -> int:
         """Video frames that one chunk decodes to (the VAE's first latent frame is one frame)."""
-        n = self.chunk_frames * VAE_TEMPORAL_FACTOR
+        n = (self.first_frames if first else self.chunk_frames) * VAE_TEMPORAL_FACTOR
         return n - (VAE_TEMPORAL_FACTOR - 1) if first else n
 
 
@@ -267,22 +341,43 @@ _SYSTEM_FIELDS = {
     "timesteps",
     "fps",
     "decode_phase",
+    "decoder",
+    "decoder_path",
+    "first_chunk_frames",
+    "adaptive_sink",
+    "rope_refresh",
+    "timestep_rule",
+    "shift",
+    "text_encoder_device",
+    "offload",
+    "attention",
+    "text_kv_cache",
+    "rope_cache",
 }
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-CONTEXTS = ("stream", "clean")
+CONTEXTS = ("stream", "clean", "per-step")
+TIMESTEP_RULES = ("shift", "table")
 DECODE_PHASES = ("auto", "thread", "inline")
+DECODERS = ("wan", "taehv")
+OFFLOADS = ("none", "text", "swap", "layers")  # pipeline/memory.py states what each costs
 
 
 def load_system_config(path: str | Path, **overrides: Any) -> SystemConfig:
     """Load a system config file; ``overrides`` (CLI flags) replace its fields, None means unset."""
     path = Path(path)
     data = _read_yaml(path, "system config")
-    data.update({k: v for k, v in overrides.items() if v is not None and k != "model_source"})
-    return build_system_config(data, where=f"system config {str(path)!r}", model_source=overrides.get("model_source"))
+    data.update({k: v for k, v in overrides.items() if v is not None and k not in ("model_source", "checkpoint")})
+    where = f"system config {str(path)!r}"
+    return build_system_config(
+        data, where=where, model_source=overrides.get("model_source"), checkpoint=overrides.get("checkpoint")
+    )
 
 
 def build_system_config(
-    data: dict[str, Any], where: str = "system config", model_source: str | None = None
+    data: dict[str, Any],
+    where: str = "system config",
+    model_source: str | None = None,
+    checkpoint: CheckpointSpec | None = None,
 ) -> SystemConfig:
     _check_keys(where, data, _SYSTEM_FIELDS, {"model", "height", "width"})
     preset = load_model_preset(str(data["model"]))
@@ -319,6 +414,70 @@ def build_system_config(
     decode_phase = str(data.get("decode_phase", "auto"))
     if decode_phase not in DECODE_PHASES:
         raise _fail(where, "decode_phase", decode_phase, f"one of {DECODE_PHASES}")
+    decoder = data.get("decoder", "wan")
+    if decoder not in DECODERS:
+        raise _fail(where, "decoder", decoder, f"one of {DECODERS}")
+    if decoder == "taehv" and preset.latent_channels != 16:
+        raise _fail(where, "decoder", decoder, f"'wan' for model {preset.name!r} (taehv decodes Wan 2.1's 16 channels)")
+    decoder_path = data.get("decoder_path")
+    if decoder_path is not None and (decoder != "taehv" or not isinstance(decoder_path, str) or not decoder_path):
+        raise _fail(where, "decoder_path", decoder_path, "a file path, with decoder 'taehv' only")
+    if decoder_path is not None and not Path(decoder_path).expanduser().is_file():
+        raise _fail(where, "decoder_path", decoder_path, "an existing file (taew2_1.pth, github.com/madebyollin/taehv)")
+    first_frames = positive_int("first_chunk_frames", 0, minimum=0)
+    if first_frames not in (0, chunk_frames) and context != "per-step":
+        raise _fail(
+            where, "first_chunk_frames", first_frames, f"0 or chunk_frames ({chunk_frames}) unless context is per-step"
+        )
+    if context == "per-step" and (first_frames or chunk_frames) + chunk_frames > sink + window:
+        raise _fail(
+            where,
+            "window_frames",
+            window,
+            "sink_frames + window_frames must hold the first chunk and one more (the per-step cache is that size)",
+        )
+    adaptive = data.get("adaptive_sink", -1.0)
+    if isinstance(adaptive, bool) or not isinstance(adaptive, (int, float)) or not -1.0 <= adaptive <= 1.0:
+        raise _fail(where, "adaptive_sink", adaptive, "a cosine similarity in [-1, 1] (-1: never replace a sink frame)")
+    if adaptive > -1 and context != "per-step":
+        raise _fail(where, "adaptive_sink", adaptive, "-1 unless context is per-step")
+    rope_refresh = positive_int("rope_refresh", 0, minimum=0)
+    if rope_refresh and (context != "per-step" or rope_refresh < sink + window):
+        raise _fail(
+            where, "rope_refresh", rope_refresh, f"0, or with context per-step at least sink + window ({sink + window})"
+        )
+    timestep_rule = str(data.get("timestep_rule", "shift"))
+    if timestep_rule not in TIMESTEP_RULES:
+        raise _fail(where, "timestep_rule", timestep_rule, f"one of {TIMESTEP_RULES}")
+    shift = data.get("shift", 0.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift < 0:
+        raise _fail(where, "shift", shift, "a positive number (0: the model's)")
+    text_encoder_device = str(data.get("text_encoder_device") or "")
+    if text_encoder_device not in ("", "cpu", device):
+        raise _fail(where, "text_encoder_device", text_encoder_device, f"'cpu' or the DiT's device ({device!r})")
+    offload = str(data.get("offload", "none"))
+    if offload not in OFFLOADS:
+        raise _fail(where, "offload", offload, f"one of {OFFLOADS}")
+    if offload in ("swap", "layers"):
+        raise _fail(
+            where, "offload", offload, "'none' or 'text': swap and layers are not built yet (costs: --memory-plan)"
+        )
+    if offload == "text" and text_encoder_device not in ("", "cpu"):
+        raise _fail(where, "text_encoder_device", text_encoder_device, "'cpu' (or unset) with offload: text")
+    attention = str(data.get("attention", "sdpa"))
+    if attention not in BACKENDS:
+        raise _fail(where, "attention", attention, f"one of {BACKENDS}")
+    if not backend_installed(attention):
+        missing = f"an installed backend: {FLASH_MODULES[attention]} is not importable"
+        raise _fail(where, "attention", attention, missing)
+    if attention != "sdpa" and (not device.startswith("cuda") or dtype not in ("bfloat16", "float16")):
+        needs = f"'sdpa' with device {device!r} and dtype {dtype!r} (flash: CUDA, 16-bit)"
+        raise _fail(where, "attention", attention, needs)
+    levers = {}
+    for lever in ("text_kv_cache", "rope_cache"):
+        levers[lever] = data.get(lever, True)
+        if not isinstance(levers[lever], bool):
+            raise _fail(where, lever, levers[lever], "true or false")
     # Every query-key distance the model sees stays within sink + window + one chunk (pipeline/window.py).
     longest = sink + window + chunk_frames
     if longest > preset.rope_max_seq_len:
@@ -328,9 +487,12 @@ def build_system_config(
             window,
             f"sink_frames + window_frames + chunk_frames <= the model's RoPE table ({preset.rope_max_seq_len})",
         )
+    if checkpoint is not None and preset.kind != "wan":
+        raise _fail(where, "checkpoint", checkpoint.path, f"none with model {preset.name!r}: it has no transformer")
     return SystemConfig(
         model=preset,
         model_source=model_source,
+        checkpoint=checkpoint,
         device=device,
         dtype=dtype,
         height=height,
@@ -343,6 +505,17 @@ def build_system_config(
         timesteps=timesteps,
         fps=fps,
         decode_phase=decode_phase,
+        decoder=decoder,
+        decoder_path=decoder_path,
+        first_chunk_frames=first_frames,
+        adaptive_sink=float(adaptive),
+        rope_refresh=rope_refresh,
+        timestep_rule=timestep_rule,
+        shift=float(shift),
+        text_encoder_device=text_encoder_device,
+        offload=offload,
+        attention=attention,
+        **levers,
     )
 
 
@@ -351,5 +524,6 @@ def replace(config: SystemConfig, **changes: Any) -> SystemConfig:
     data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in _SYSTEM_FIELDS}
     data["model"] = config.model.name
     data["timesteps"] = list(config.timesteps)
+    checkpoint = changes.pop("checkpoint", config.checkpoint)  # not a file field: set like model_source
     data.update(changes)
-    return build_system_config(data, model_source=config.model_source)
+    return build_system_config(data, model_source=config.model_source, checkpoint=checkpoint)

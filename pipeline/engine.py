@@ -49,7 +49,7 @@ from pipeline.scheduler import Scheduler, Slot, fold
 from pipeline.stages.dispatch import Dispatcher, TickWork
 from pipeline.stages.stage import Activations, Control, MicroBatch
 from pipeline.state import ChunkState, SessionState
-from pipeline.types import DecodedChunk, UserParams
+from pipeline.types import DecodedChunk, Envelope, UserParams
 
 WAIT_S = 0.05  # longest a step waits for results or decodes when nothing can be issued
 
@@ -273,13 +273,20 @@ class Engine:
     def _enter(self, s: SessionState, slot: Slot) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
         """An admitted chunk's first input: noise (t2v), or its input chunk noised to its first σ (v2v)."""
         env = slot.envelope
-        shape = (self.config.model.latent_channels, self.config.chunk_frames, *self.config.latent_size)
-        noise = chunk_noise(env.params.seed, env.epoch, env.chunk_index, 0, shape, self.dtype, self.device)
+        shape = (self.config.model.latent_channels, slot.frames, *self.config.latent_size)
         text = self.models.text(env.params.prompt).to(self.dtype)
+        if slot.phantom:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device), text, ()
+        noise = self.noise(env, 0, shape)
         if s.intake is None:
             return noise, text, ()
         chunk = s.intake.take()
         return self.models.sampler.noised(chunk.latents, slot.sigma, noise), text, chunk.arrived
+
+    def noise(self, env: Envelope, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """ε of chunk ``env`` entering ``step`` (0: its first input): keyed, independent of batching
+        (``pipeline.sampling.chunk_noise``). ``bench.parity`` replaces it with recorded draws."""
+        return chunk_noise(env.params.seed, env.epoch, env.chunk_index, step, shape, self.dtype, self.device)
 
     def _issue(self) -> bool:
         """Issue the micro-batches of the current tick whose inputs are here; True if any went."""
@@ -294,13 +301,14 @@ class Engine:
             for c in chunks:
                 c.x = None  # on its way: its next input comes with the result
             sigma = torch.tensor([s.sigma for s in slots], dtype=torch.float32, device=self.device)
+            times = torch.tensor([s.model_time for s in slots], dtype=torch.float32, device=self.device)
             text = torch.stack([c.text for c in chunks])
             timing = tuple((c.scheduled_at, c.arrived) for c in chunks)
             last = all(work.issued[k] or k == m for k in range(len(work.groups)))
             mb = MicroBatch(work.plan.tick, m, slots, not any(work.issued), last, timing)
             self.dispatch.issued(work, m)
             self._out[(mb.tick, m)] = _Out(work, m, x, sigma)
-            self.executor.submit(mb, Activations(x=x, sigma=sigma, text=text))
+            self.executor.submit(mb, Activations(x=x, sigma=sigma, text=text, time=times))
             issued = True
         if work.done:
             self._work = None
@@ -333,7 +341,7 @@ class Engine:
             s = self.sessions.get(slot.envelope.session_id)
             if s is None or slot.envelope.stale(s.epoch):
                 continue
-            fold(chunk, slot, done.x[j], done.sigma[j : j + 1], result.velocity[j], self.models.sampler)
+            fold(chunk, slot, done.x[j], done.sigma[j : j + 1], result.velocity[j], self.models.sampler, self.noise)
 
 
 def _ready(chunk: ChunkState) -> bool:

@@ -77,10 +77,21 @@ def split_slots(slots: tuple[Slot, ...], batching: str, stages: int = 1) -> list
     - ``step``: one per step level, all sessions together, so that a ring of stages has T+1 independent
       micro-batches per tick; where that is fewer than ``stages``, step levels are split by session.
     """
-    if batching == "tick":
-        return [tuple(range(len(slots)))] if slots else []
+    groups = _split(slots, batching, stages)
+    if len({s.frames for s in slots}) > 1:  # chunks of different lengths (per-step first chunks) do not stack
+        groups = [
+            tuple(i for i in g if slots[i].frames == n)
+            for g in groups
+            for n in dict.fromkeys(slots[i].frames for i in g)
+        ]
+    return groups
+
+
+def _split(slots: tuple[Slot, ...], batching: str, stages: int) -> list[tuple[int, ...]]:
     if batching == "slot":
         return [(i,) for i in range(len(slots))]
+    if batching == "tick":
+        return [tuple(range(len(slots)))] if slots else []
     if batching != "step":
         raise ValueError(f"batching={batching!r} is not allowed: one of {BATCHINGS}")
     by_step: dict[int, list[int]] = {}

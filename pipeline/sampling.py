@@ -28,6 +28,16 @@ def sigmas_from_timesteps(timesteps: tuple[float, ...] | list[float], shift: flo
     return sigmas
 
 
+def table_sigma(timestep: float, shift: float, entries: int = NUM_TRAIN_TIMESTEPS) -> float:
+    """σ of timestep ``t`` as StreamDiffusionV2's and CausVid's code reads it: a table of ``entries`` shifted
+    sigmas from 1 down (float32, their ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)``), the
+    entry whose timestep (1000·σ) is nearest ``t``. The model's time input stays ``t`` itself."""
+    sigmas = torch.linspace(1.0, 0.0, entries + 1)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = sigmas * NUM_TRAIN_TIMESTEPS
+    return float(sigmas[torch.argmin((timesteps - timestep).abs())])
+
+
 def shifted_sigmas(steps: int, shift: float) -> tuple[float, ...]:
     """``steps`` evenly spaced timesteps from 1000 down (1000, 750, 500, 250 for 4), shifted."""
     if steps < 1:

@@ -17,10 +17,15 @@ Visibility rules (DESIGN §4):
   Every slot reads the KV window as it stood at the end of the previous tick.
 - ``clean``: a session admits a chunk only when nothing of it is in flight (its previous chunk has
   finished and written its σ=0 keys/values), so a session has one slot per tick.
+- ``per-step`` (StreamDiffusionV2's, :mod:`pipeline.perstep`): an epoch's first chunk runs its T steps
+  alone; then one chunk per tick as ``stream``, T slots per tick, no σ=0 write (a chunk leaves after its
+  last step). With the first chunk after it, phantom chunks of zeros enter levels 1..T-1 (their
+  zeroed stream batch), computed and never decoded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +33,16 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import SystemConfig
-from pipeline.sampling import FlowSampler, chunk_noise, strength_sigmas
+from pipeline.sampling import FlowSampler, chunk_noise, strength_sigmas, table_sigma
 from pipeline.state import ChunkState, SessionState
 from pipeline.types import PTS_CLOCK, Envelope
 from pipeline.window import context_frames
 
-# Makes an admitted chunk's first input: (x [C, F, h, w], text [Lt, Dt], its input frames' arrival).
+# ε of a chunk entering a step: (envelope, step, shape) -> tensor (the engine's keyed noise by default).
+NoiseSource = Callable[[Envelope, int, tuple[int, ...]], torch.Tensor]
+
+# Makes an admitted chunk's first input: (x [C, F, h, w], text [Lt, Dt], its input frames' arrival);
+# a phantom's (per-step pipeline fill) x is zeros.
 ChunkMaker = Callable[["SessionState", "Slot"], tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]]
 
 
@@ -46,7 +55,23 @@ class Slot:
     sigma: float  # noise level of the slot's input (0.0 for the σ=0 write)
     sigmas: tuple[float, ...]  # the chunk's whole table (sigma == sigmas[step] for a denoising step)
     admit: bool  # True: the chunk enters the window with this slot (its x is made from noise/input)
-    context: tuple[int, ...]  # latent frames of the same epoch it reads from the KV window
+    context: tuple[int, ...]  # latent frames of the same epoch it reads from the KV window (stream, clean)
+    time: float = -1.0  # the model's time input (timestep embedding); -1: 1000·sigma
+    frames: int = 1  # latent frames of its chunk
+    times: tuple[float, ...] = ()  # the chunk's time inputs, aligned with sigmas (): 1000·σ)
+
+    @property
+    def model_time(self) -> float:
+        return 1000.0 * self.sigma if self.time < 0 else self.time
+
+    @property
+    def phantom(self) -> bool:
+        return self.envelope.chunk_index < 0
+
+    @property
+    def decodes(self) -> bool:
+        """Its result is a chunk's x0 that goes to the decoder (a phantom's never does)."""
+        return self.last_step and not self.phantom
 
     @property
     def last_step(self) -> bool:
@@ -68,6 +93,8 @@ class Scheduler:
     def __init__(self, config: SystemConfig) -> None:
         self.config = config
         self.sigmas = config.sigmas()
+        self.times = config.model_times()
+        self.per_step = config.context == "per-step"
 
     @property
     def depth(self) -> int:
@@ -78,9 +105,22 @@ class Scheduler:
     def admits(self, s: SessionState) -> bool:
         if not s.has_input():
             return False
-        if self.config.context == "clean":
+        if self.config.context == "clean" or (self.per_step and s.next_frame == 0):
             return not s.in_flight
+        if self.per_step and any(c.envelope.frame_start == 0 for c in s.in_flight):
+            return False  # the epoch's first chunk runs its steps alone
         return all(c.step > 0 for c in s.in_flight)  # at most one new chunk per tick
+
+    def schedule_of(self, s: SessionState) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """A new chunk's sigmas and model time inputs: the table, or for v2v scaled by its strength."""
+        if s.mode != "v2v":
+            return self.sigmas, self.times
+        if self.config.timestep_rule == "table":
+            scale = min(1.0, s.params.strength / self.sigmas[0])
+            times = tuple(t * scale for t in self.times)
+            return tuple(table_sigma(t, self.config.flow_shift) for t in times), times
+        sigmas = strength_sigmas(self.sigmas, s.params.strength)
+        return sigmas, tuple(1000.0 * x for x in sigmas)
 
     def new_envelope(self, s: SessionState) -> tuple[Envelope, tuple[float, ...]]:
         first = s.next_frame == 0
@@ -95,20 +135,34 @@ class Scheduler:
             num_frames=n,
             params=s.params,
         )
-        sigmas = strength_sigmas(self.sigmas, s.params.strength) if s.mode == "v2v" else self.sigmas
-        return env, sigmas
+        return env, self.schedule_of(s)[0]
+
+    def _context(self, frame_start: int) -> tuple[int, ...]:
+        if self.per_step:
+            return ()  # the per-step caches hold what each level sees (pipeline/perstep.py)
+        return context_frames(frame_start, self.config.sink_frames, self.config.window_frames)
 
     def schedule(self, tick: int, states: list[SessionState]) -> TickPlan:
         cfg = self.config
         slots: list[Slot] = []
         for s in states:
             for c in s.in_flight:
-                ctx = context_frames(c.envelope.frame_start, cfg.sink_frames, cfg.window_frames)
-                slots.append(Slot(c.envelope, c.step, c.sigma, c.sigmas, admit=False, context=ctx))
+                f0 = c.envelope.frame_start
+                slots.append(
+                    Slot(
+                        c.envelope, c.step, c.sigma, c.sigmas, False, self._context(f0), c.time,
+                        cfg.latent_frames(f0), c.times,
+                    )
+                )  # fmt: skip
             if self.admits(s):
-                env, sigmas = self.new_envelope(s)
-                ctx = context_frames(env.frame_start, cfg.sink_frames, cfg.window_frames)
-                slots.append(Slot(env, 0, sigmas[0], sigmas, admit=True, context=ctx))
+                env, _ = self.new_envelope(s)
+                sigmas, times = self.schedule_of(s)
+                f0, frames = env.frame_start, cfg.latent_frames(env.frame_start)
+                slots.append(Slot(env, 0, sigmas[0], sigmas, True, self._context(f0), times[0], frames, times))
+                if self.per_step and f0 == cfg.first_frames and len(sigmas) > 1:
+                    for level in range(1, len(sigmas)):  # the pipeline fill: phantoms of zeros above it
+                        ghost = dataclasses.replace(env, chunk_index=-level, num_frames=0)
+                        slots.append(Slot(ghost, level, sigmas[level], sigmas, True, (), times[level], frames, times))
         return TickPlan(tick=tick, slots=tuple(slots))
 
     # ---- the update step ------------------------------------------------------------------------
@@ -119,26 +173,36 @@ class Scheduler:
         chunks = []
         for slot in plan.slots:
             s = states[slot.envelope.session_id]
-            if slot.admit:
-                chunks.append(self.enter(s, slot, enter))
-                continue
-            c = next(c for c in s.in_flight if c.envelope == slot.envelope)
-            c.step += 1
-            if slot.is_write:
-                s.in_flight.remove(c)
+            c = self.enter(s, slot, enter) if slot.admit else self.advance(s, slot)
+            if slot.admit and self.per_step and slot.last_step:
+                s.in_flight.remove(c)  # a one-step schedule (or a phantom at the top level): gone at once
             chunks.append(c)
         return chunks
+
+    def advance(self, s: SessionState, slot: Slot) -> ChunkState:
+        """A chunk in flight moves to its next step; it leaves with its σ=0 write (per-step: its last step)."""
+        c = next(c for c in s.in_flight if c.envelope == slot.envelope)
+        c.step += 1
+        if slot.is_write or (self.per_step and slot.last_step):
+            s.in_flight.remove(c)
+        return c
 
     def enter(self, s: SessionState, slot: Slot, enter: ChunkMaker) -> ChunkState:
         env = slot.envelope
         x, text, arrived = enter(s, slot)
-        chunk = ChunkState(env, slot.sigmas, 1, x, text, scheduled_at=time.monotonic(), arrived=arrived)
+        if slot.phantom:  # a pipeline-fill slot (per-step): no place in the session's counts
+            phantom = ChunkState(env, slot.sigmas, slot.step + 1, x, text, times=slot.times)
+            s.in_flight.append(phantom)
+            return phantom
+        chunk = ChunkState(
+            env, slot.sigmas, 1, x, text, times=slot.times, scheduled_at=time.monotonic(), arrived=arrived
+        )
         s.in_flight.append(chunk)
         if s.intake is None:
             s.demand -= 1
         s.undelivered += 1
         s.next_chunk_index += 1
-        s.next_frame += self.config.chunk_frames
+        s.next_frame += slot.frames
         s.next_video_frame += env.num_frames
         return chunk
 
@@ -166,6 +230,7 @@ def fold(
     sigma: torch.Tensor,
     velocity: torch.Tensor,
     sampler: FlowSampler,
+    noise: NoiseSource | None = None,
 ) -> None:
     """A slot's result comes back: x [C, F, h, w] was its input at ``sigma`` ([1] tensor). After the
     last step the chunk holds x0 (for its σ=0 write); before it, the next step's input with fresh noise
@@ -177,5 +242,8 @@ def fold(
         chunk.x = x0
         return
     env, step = chunk.envelope, slot.step + 1
-    noise = chunk_noise(env.params.seed, env.epoch, env.chunk_index, step, tuple(x.shape), x.dtype, x.device)
-    chunk.x = sampler.noised(x0, chunk.sigmas[step], noise)
+    if noise is None:
+        eps = chunk_noise(env.params.seed, env.epoch, env.chunk_index, step, tuple(x.shape), x.dtype, x.device)
+    else:
+        eps = noise(env, step, tuple(x.shape))
+    chunk.x = sampler.noised(x0, chunk.sigmas[step], eps)

@@ -26,12 +26,25 @@ class ChunkState:
     step: int  # next step to issue; == len(sigmas) when only its σ=0 write is left
     x: torch.Tensor | None  # [C, F, h, w] input of its next slot (x at sigmas[step]; x0 once clean); None: on the way
     text: torch.Tensor  # [text_len, text_dim] conditioning of its prompt
+    times: tuple[float, ...] = ()  # the model's time input at each step, aligned with sigmas (() : 1000·σ)
     scheduled_at: float = 0.0  # time.monotonic() when it entered the window (latency is measured from it)
     arrived: tuple[float, ...] = ()  # v2v: arrival of each of its input frames at ingress
 
     @property
     def sigma(self) -> float:
         return self.sigmas[self.step] if self.step < len(self.sigmas) else 0.0
+
+    @property
+    def time(self) -> float:
+        """The model's time input of its next slot (its timestep embedding)."""
+        if self.step >= len(self.sigmas):
+            return 0.0
+        return self.times[self.step] if self.times else 1000.0 * self.sigmas[self.step]
+
+    @property
+    def phantom(self) -> bool:
+        """A per-step pipeline-fill slot of zeros (pipeline/perstep.py): computed, never decoded."""
+        return self.envelope.chunk_index < 0
 
     @property
     def clean(self) -> bool:

@@ -16,6 +16,8 @@ import socket
 import sys
 
 from pipeline.config import CONFIG_DIR, ConfigError, load_system_config
+from streamer.convert import add_checkpoint_flags, add_convert_parser, checkpoint_spec
+from streamer.plan import add_memory_flags, memory_gate
 from streamer.run import EXIT_BAD_INPUT, check_stages, cmd_run, parse_split
 
 
@@ -52,7 +54,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_system_config(
-            args.config, model_source=args.model, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions
+            args.config,
+            model_source=args.model,
+            checkpoint=checkpoint_spec(args),
+            device=args.device,
+            dtype=args.dtype,
+            max_sessions=args.max_sessions,
+            decoder=args.decoder,
+            decoder_path=args.decoder_path,
+            text_encoder_device=args.text_encoder_device,
+            offload=args.offload,
         )
         if not 0 < args.port < 65536:
             raise ValueError(f"--port={args.port} is not allowed: 1..65535")
@@ -76,9 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allow_hosts=tuple(args.allow_host or ()),
             allow_origins=tuple(args.allow_origin or ()),
         )
+        status = memory_gate(config, args, args.stages, split)  # before any weight is loaded
     except (ConfigError, ValueError) as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if status is not None:
+        return status
     try:  # bound here, before the banner: a busy port is one line, not a banner and a traceback
         socks = listen(args.host, args.port)
     except OSError as e:
@@ -122,14 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="same seed, same frames")
     run.add_argument("--strength", type=float, default=1.0, help="v2v: noise the input to this sigma, (0, 1]")
     run.add_argument("--model", default=None, help="weights: a local folder (diffusers Wan layout) or hub id")
+    add_checkpoint_flags(run)
     run.add_argument("--height", type=int, default=None, help="override the config's height")
     run.add_argument("--width", type=int, default=None, help="override the config's width")
     run.add_argument("--device", default=None, help="override the config's device (cpu, cuda, cuda:N)")
     run.add_argument("--dtype", default=None, help="override the config's dtype")
+    add_decoder_flags(run)
     run.add_argument("--timesteps", default=None, help="override the denoising timesteps, e.g. 700,500,400,200")
     run.add_argument("--context", default=None, help="override the visibility rule: stream or clean")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     add_stage_flags(run)
+    add_memory_flags(run)
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="serve the live demo page and the WebRTC API")
@@ -137,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--model", default=None, help="weights: a local folder or hub id")
+    add_checkpoint_flags(serve)
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None)
+    add_decoder_flags(serve)
     serve.add_argument("--max-sessions", type=int, default=None, help="sessions served at once")
     serve.add_argument("--ice-server", action="append", help="STUN/TURN URL to offer (default: none)")
     serve.add_argument(
@@ -172,8 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--d-out", type=int, default=2, help="decoded chunks waiting per session (t2v: the fewest chunks asked ahead)"
     )
     add_stage_flags(serve)
+    add_memory_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    add_convert_parser(sub)
     return parser
+
+
+def add_decoder_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--decoder", default=None, help="frames from latents: wan (the Wan VAE, default) or taehv (the tiny decoder)"
+    )
+    parser.add_argument(
+        "--decoder-path",
+        default=None,
+        help="taehv's weights, taew2_1.pth from github.com/madebyollin/taehv (random presets: seeded random if absent)",
+    )
 
 
 def add_stage_flags(parser: argparse.ArgumentParser) -> None:
@@ -215,7 +247,15 @@ def stage_worker(args: argparse.Namespace) -> int:
     from pipeline.stages.launch import run_worker, torchrun_ring
 
     try:
-        config = load_system_config(args.config, model_source=args.model, device=args.device, dtype=args.dtype)
+        config = load_system_config(
+            args.config,
+            model_source=args.model,
+            checkpoint=checkpoint_spec(args),
+            device=args.device,
+            dtype=args.dtype,
+            decoder=args.decoder,
+            decoder_path=args.decoder_path,
+        )
     except ConfigError as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -34,10 +34,12 @@ from pipeline.models.loader import load_models
 from pipeline.stages.launch import make_executor
 from pipeline.stages.transport import StageFailure
 from pipeline.types import UserParams
+from streamer.convert import checkpoint_spec
 from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
 from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
 from streamer.ingress import InputError, LiveSource, VideoFileSource, is_live
+from streamer.plan import memory_gate
 from streamer.prompts import PromptEvent, PromptScript, PromptScriptError, load_prompts
 
 EXIT_BAD_INPUT = 2
@@ -355,13 +357,14 @@ def describe(report: OutputReport) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        if not args.out:
+        if not args.out and not args.memory_plan:
             raise OutputError("give at least one --out (a .mp4/.webm file or an rtmp:// URL)")
         check_numbers(args)
         targets = check_targets(args.out, args.also_record or [], args.input)
         config = load_system_config(
             args.config,
             model_source=args.model,
+            checkpoint=checkpoint_spec(args),
             height=args.height,
             width=args.width,
             device=args.device,
@@ -369,6 +372,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             context=args.context,
             timesteps=parse_timesteps(args.timesteps),
             fps=args.fps,
+            decoder=args.decoder,
+            decoder_path=args.decoder_path,
+            text_encoder_device=args.text_encoder_device,
+            offload=args.offload,
         )
         script = load_prompts(args.prompts) if args.prompts else None
         prompt = (script.initial_prompt() if script else None) or args.prompt
@@ -380,6 +387,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
         split = parse_split(args.split)
+        check_stages(args.stages, split, config.model.num_layers)
+        if (status := memory_gate(config, args, args.stages, split)) is not None:  # before any weight is loaded
+            return status
         models = load_models(config)
         check_stages(args.stages, split, models.dit.num_blocks)
         source = open_input(args.input, config) if args.input else None

@@ -15,13 +15,18 @@ L = F·(h/ph)·(w/pw) tokens per slot, Lc context tokens, H heads, D head dim, E
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttention
+
+from pipeline.models.attention import CrossAttnProcessor, TextKVCache, attend
+
+ROPE_CACHE_FRAMES = 4096  # frame indices whose time cos/sin are kept on the device (22 numbers each)
 
 
 class KVAccess(Protocol):
@@ -43,6 +48,8 @@ class AttnBatch:
     kv: KVAccess | None  # None: no cache (a full forward over all frames)
     q_rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin of the slots' own tokens: [B, L, 1, D/2]
     mask: torch.Tensor | None  # bool [B, 1, 1 or L, Lc + L], True = may attend; None = all
+    # per slot, what names its text states (the prompt) for the text K/V cache; None: not cached
+    text_keys: tuple[Hashable, ...] | None = None
 
 
 class Denoiser(Protocol):
@@ -65,9 +72,10 @@ class Denoiser(Protocol):
     def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def embed(
-        self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor
+        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E], text states [B, Lt, E]."""
+        """time [B]: the timestep input (1000·σ) -> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E],
+        text states [B, Lt, E]."""
         ...
 
     def run_blocks(
@@ -91,8 +99,9 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 class CausalWanAttnProcessor:
     """Self-attention over [KV-window context ; the slot's own tokens], for one block."""
 
-    def __init__(self, block_index: int) -> None:
+    def __init__(self, block_index: int, backend: str = "sdpa") -> None:
         self.block_index = block_index
+        self.backend = backend  # pipeline.models.attention.BACKENDS
 
     def __call__(
         self,
@@ -111,30 +120,41 @@ class CausalWanAttnProcessor:
         keys, values = apply_rope(k, batch.q_rope), v
         if batch.kv is not None:
             keys, values = batch.kv.exchange(self.block_index, keys, values)  # [B, Lc + L, H, D]
-        out = F.scaled_dot_product_attention(
-            apply_rope(q, batch.q_rope).transpose(1, 2),  # [B, H, L, D]
-            keys.transpose(1, 2),  # [B, H, Lc + L, D]
-            values.transpose(1, 2),
-            attn_mask=batch.mask,
-        )
-        out = out.transpose(1, 2).flatten(2).type_as(q)  # [B, L, E]
+        out = attend(apply_rope(q, batch.q_rope), keys, values, batch.mask, self.backend)  # [B, L, H, D]
+        out = out.flatten(2).type_as(q)  # [B, L, E]
         return attn.to_out[0](out)
 
 
 class CausalWan(torch.nn.Module):
-    """Velocity of a batch of slots, each with its own σ, text and frame positions."""
+    """Velocity of a batch of slots, each with its own σ, text and frame positions.
 
-    def __init__(self, transformer: WanTransformer3DModel) -> None:
+    Speed levers, each giving the same numbers on or off (tests): ``text_kv_cache`` (attn2's text
+    keys/values once per prompt and block, for slots whose ``AttnBatch.text_keys`` name them; the
+    ``text_cache_prompts`` latest prompts kept), ``rope_cache`` (RoPE tables kept on the device: time
+    cos/sin per frame index, space per latent grid), ``attention`` (the kernel: sdpa, flash2/3/4).
+    """
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        attention: str = "sdpa",
+        text_kv_cache: bool = True,
+        rope_cache: bool = True,
+        text_cache_prompts: int = 8,
+    ) -> None:
         super().__init__()
+        self.attention = attention
         self.transformer = transformer
         cfg = transformer.config
         self.patch_size: tuple[int, int, int] = tuple(cfg.patch_size)  # type: ignore[assignment]
         self.heads: int = cfg.num_attention_heads
         self.head_dim: int = cfg.attention_head_dim
         self.num_blocks = len(transformer.blocks)
+        self.text_cache = TextKVCache(text_cache_prompts) if text_kv_cache else None
+        self._cross = [CrossAttnProcessor(i, self.text_cache, attention) for i in range(self.num_blocks)]
         transformer.set_attn_processor(
-            {f"blocks.{i}.attn1.processor": CausalWanAttnProcessor(i) for i in range(self.num_blocks)}
-            | {f"blocks.{i}.attn2.processor": transformer.blocks[i].attn2.processor for i in range(self.num_blocks)}
+            {f"blocks.{i}.attn1.processor": CausalWanAttnProcessor(i, attention) for i in range(self.num_blocks)}
+            | {f"blocks.{i}.attn2.processor": self._cross[i] for i in range(self.num_blocks)}
         )
         rope = transformer.rope
         self.rope_theta = 10000.0  # WanRotaryPosEmbed's default, which WanTransformer3DModel uses
@@ -146,6 +166,10 @@ class CausalWan(torch.nn.Module):
         half = [rope.t_dim // 2, rope.h_dim // 2, rope.w_dim // 2]
         _, self._h_cos, self._w_cos = cos.split(half, dim=1)
         _, self._h_sin, self._w_sin = sin.split(half, dim=1)
+        # rope_cache: time cos/sin per frame index and space tables per grid, on the device, in rope_dtype
+        self.rope_cache = rope_cache
+        self._time_trig_cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._space_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -158,9 +182,36 @@ class CausalWan(torch.nn.Module):
     def rope_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
-    def _time_angles(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [...] (ints, any size) -> angles [..., t_dim/2] in float64."""
-        return positions.to(torch.float64).unsqueeze(-1) * self._t_freqs.to(positions.device)
+    def _time_trig(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of frame index ``p``'s time angles, [t_dim/2] on the device in rope_dtype. Made one
+        frame at a time from float64 on the CPU, so a frame's values never depend on its batch."""
+        hit = self._time_trig_cache.get(p) if self.rope_cache else None
+        if hit is not None:
+            self._time_trig_cache.move_to_end(p)
+            return hit
+        angles = float(p) * self._t_freqs  # [t/2] float64
+        hit = (angles.cos().to(self.device, self.rope_dtype()), angles.sin().to(self.device, self.rope_dtype()))
+        if self.rope_cache:
+            self._time_trig_cache[p] = hit
+            if len(self._time_trig_cache) > ROPE_CACHE_FRAMES:
+                self._time_trig_cache.popitem(last=False)
+        return hit
+
+    def _space(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the h and w axes of every token of a frame: [hp·wp, (D - t_dim)/2]."""
+        hit = self._space_cache.get(grid) if self.rope_cache else None
+        if hit is not None:
+            return hit
+        hp, wp = grid
+        parts = []
+        for h_tab, w_tab in ((self._h_cos, self._w_cos), (self._h_sin, self._w_sin)):
+            h = h_tab[:hp].to(self.device, self.rope_dtype()).view(hp, 1, -1).expand(hp, wp, -1)
+            w = w_tab[:wp].to(self.device, self.rope_dtype()).view(1, wp, -1).expand(hp, wp, -1)
+            parts.append(torch.cat([h, w], dim=-1).reshape(hp * wp, -1))
+        hit = (parts[0], parts[1])
+        if self.rope_cache:
+            self._space_cache[grid] = hit
+        return hit
 
     def rope(self, positions: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for every token of frames at ``positions`` ([B, n] ints): [B, n·hp·wp, 1, D/2]."""
@@ -168,48 +219,50 @@ class CausalWan(torch.nn.Module):
         if hp > self._h_cos.shape[0] or wp > self._w_cos.shape[0]:
             raise ValueError(f"latent grid {hp}x{wp} is larger than the RoPE table ({self._h_cos.shape[0]})")
         b, n = positions.shape
-        angles = self._time_angles(positions.cpu())  # [B, n, t/2]
-        parts = []
-        for t_tab, h_tab, w_tab in ((angles.cos(), self._h_cos, self._w_cos), (angles.sin(), self._h_sin, self._w_sin)):
-            t = t_tab.to(self.device, self.rope_dtype()).view(b, n, 1, 1, -1).expand(b, n, hp, wp, -1)
-            h = h_tab[:hp].to(self.device, self.rope_dtype()).view(1, 1, hp, 1, -1).expand(b, n, hp, wp, -1)
-            w = w_tab[:wp].to(self.device, self.rope_dtype()).view(1, 1, 1, wp, -1).expand(b, n, hp, wp, -1)
-            parts.append(torch.cat([t, h, w], dim=-1).reshape(b, n * hp * wp, 1, -1))
-        return parts[0], parts[1]
+        trig = [self._time_trig(p) for p in positions.flatten().tolist()]
+        out = []
+        for k, space in enumerate(self._space(grid)):
+            t = torch.stack([tr[k] for tr in trig]).view(b * n, 1, -1).expand(b * n, hp * wp, -1)
+            s = space.view(1, hp * wp, -1).expand(b * n, hp * wp, -1)
+            out.append(torch.cat([t, s], dim=-1).view(b, n * hp * wp, 1, -1))
+        return out[0], out[1]
 
     def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin that turn rotated keys ``shifts`` frames forward in time ([B] ints): [B, 1, 1, D/2].
 
         RoPE rotations compose: R(p + s) = R(s)·R(p); the space axes are left as they are."""
-        angles = self._time_angles(shifts.cpu())  # [B, t/2]
+        trig = [self._time_trig(s) for s in shifts.tolist()]
         rest = self.head_dim // 2 - self._t_half
-        cos = torch.cat([angles.cos(), torch.ones(len(shifts), rest, dtype=torch.float64)], dim=1)
-        sin = torch.cat([angles.sin(), torch.zeros(len(shifts), rest, dtype=torch.float64)], dim=1)
-        return (
-            cos.to(self.device, self.rope_dtype()).view(-1, 1, 1, self.head_dim // 2),
-            sin.to(self.device, self.rope_dtype()).view(-1, 1, 1, self.head_dim // 2),
-        )
+        out = []
+        for k, fill in enumerate((1.0, 0.0)):
+            t = torch.stack([tr[k] for tr in trig])  # [B, t/2]
+            out.append(torch.cat([t, t.new_full((len(trig), rest), fill)], dim=1).view(-1, 1, 1, self.head_dim // 2))
+        return out[0], out[1]
 
     def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         _, ph, pw = self.patch_size
         return latent_hw[0] // ph, latent_hw[1] // pw
 
     def embed(
-        self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor
+        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, C, F, h, w], sigma [B], text [B, Lt, text_dim] -> hidden [B, L, E], temb [B, E],
-        timestep_proj [B, 6, E], text states [B, Lt, E]."""
+        """x [B, C, F, h, w], time [B] (the timestep input: 1000·σ, or the raw timestep under the
+        ``table`` rule), text [B, Lt, text_dim] -> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E],
+        text states [B, Lt, E]."""
         t = self.transformer
         hidden = t.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B, L, E]
-        timestep = sigma.to(torch.float32) * 1000.0
-        temb, tproj, enc, _ = t.condition_embedder(timestep, text.to(self.dtype))
+        temb, tproj, enc, _ = t.condition_embedder(time.to(torch.float32), text.to(self.dtype))
         return hidden, temb, tproj.unflatten(1, (6, -1)), enc
 
     def run_blocks(
         self, hidden: torch.Tensor, enc: torch.Tensor, tproj: torch.Tensor, batch: AttnBatch, blocks: range
     ) -> torch.Tensor:
         for i in blocks:
-            hidden = self.transformer.blocks[i](hidden, enc, tproj, batch)  # type: ignore[arg-type]
+            self._cross[i].text_keys = batch.text_keys  # attn2 is called by the block with the text states only
+            try:
+                hidden = self.transformer.blocks[i](hidden, enc, tproj, batch)  # type: ignore[arg-type]
+            finally:
+                self._cross[i].text_keys = None
         return hidden
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -223,8 +276,15 @@ class CausalWan(torch.nn.Module):
         out = out.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        hidden, temb, tproj, enc = self.embed(x, sigma, text)
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        text: torch.Tensor,
+        batch: AttnBatch,
+        time: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden, temb, tproj, enc = self.embed(x, sigma.to(torch.float32) * 1000.0 if time is None else time, text)
         hidden = self.run_blocks(hidden, enc, tproj, batch, range(self.num_blocks))
         return self.head(hidden, temb, tuple(x.shape))
 

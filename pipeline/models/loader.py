@@ -19,9 +19,12 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from pipeline.config import ConfigError, ModelPreset, SystemConfig, known_presets, load_model_preset
 from pipeline.models.causal_wan import CausalWan
+from pipeline.models.checkpoints import load_checkpoint
 from pipeline.models.passthrough import ConstantText, PassthroughDit, PixelPackVae
+from pipeline.models.taehv import WEIGHTS_HINT, StreamingTaehv, taehv_decoder
 from pipeline.models.text import BYTE_TOKENIZER_FILE, ByteTokenizer, TextEncoder
 from pipeline.models.vae import StreamingVae
+from pipeline.models.wan_original import is_original_layout, load_original_folder
 from pipeline.sampling import FlowSampler, IdentitySampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -31,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Models:
     preset: ModelPreset
     dit: CausalWan | PassthroughDit
-    vae: StreamingVae | PixelPackVae
+    vae: StreamingVae | StreamingTaehv | PixelPackVae  # encode (v2v) and decode; StreamingTaehv: TAEHV decodes
     text: TextEncoder | ConstantText
     source: str  # where the weights came from: "random(seed=N)", a folder, "passthrough"
     sampler: FlowSampler = field(default_factory=FlowSampler)  # the update rule between steps
@@ -50,7 +53,7 @@ def cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> No
 
 
 def random_components(
-    preset: ModelPreset, device: torch.device | str = "cpu"
+    preset: ModelPreset, device: torch.device | str = "cpu", text_device: torch.device | str | None = None
 ) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
     """The preset's architecture with weights drawn from its seed (same seed, same weights on a
     given device). Made directly on ``device``: a 1.3B model's random weights for a GPU benchmark
@@ -60,7 +63,8 @@ def random_components(
         torch.manual_seed(preset.seed)
         transformer = WanTransformer3DModel(**preset.transformer)
         vae = AutoencoderKLWan(**preset.vae)
-        text = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
+        with torch.device(text_device or device):  # offload: made where it runs
+            text = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
     return transformer, vae, text
 
 
@@ -133,19 +137,29 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
         vae = PixelPackVae(device)
         return Models(preset, dit, vae, ConstantText(device, dtype), source="passthrough", sampler=IdentitySampler())
     source = None if random_weights else (config.model_source or preset.source)
+    if config.decoder == "taehv" and config.decoder_path is None and source is not None:
+        raise ConfigError(
+            f"decoder='taehv' with pretrained weights needs decoder_path (--decoder-path): {WEIGHTS_HINT}"
+        )
     tokenizer: Any
     if source is None:
         if preset.weights != "random" and not random_weights:
             raise ConfigError(f"model preset {preset.name!r} has pretrained weights: give --model PATH_OR_ID")
-        transformer, vae, text_encoder = random_components(preset, config.device)
+        transformer, vae, text_encoder = random_components(preset, config.device, config.text_device)
         tokenizer = ByteTokenizer()
         where = f"random(seed={preset.seed})"
+    elif is_original_layout(folder := resolve_source(source)):
+        # Wan2.1's own layout (Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/, the DiT in
+        # the original names): converted at load, every key checked, the architecture the preset's.
+        with_transformer = config.checkpoint is None
+        transformer, vae, text_encoder, tokenizer = load_original_folder(folder, preset, with_transformer)
+        where = str(folder)
     else:
-        folder = resolve_source(source)
         found = identify(folder)
         if found != preset.name:
             raise ConfigError(f"model path {source!r} holds {found!r}, but the config asks for {preset.name!r}")
-        transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
+        if config.checkpoint is None:  # else the transformer's weights come from the checkpoint, below
+            transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
         vae = AutoencoderKLWan.from_pretrained(folder / "vae")
         text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")
         if (folder / "tokenizer" / BYTE_TOKENIZER_FILE).exists():
@@ -155,16 +169,31 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
 
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         where = str(folder)
+    if config.checkpoint is not None:
+        # A causal checkpoint in its authors' format (Self-Forcing, CausVid, StreamDiffusionV2, LongLive,
+        # safetensors) replaces the transformer; its architecture must be the preset's.
+        transformer = load_checkpoint(config.checkpoint, preset)
+        where += f"; transformer from {config.checkpoint.path}"
     device = torch.device(config.device)
     cast(transformer, device, dtype)
     # The VAE and text encoder run in float32 unless the whole engine runs in float64 (tests).
     side_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if device.type == "cpu" else dtype)
     cast(vae, device, side_dtype)
-    cast(text_encoder, device, side_dtype)
+    text_device = torch.device(config.text_device)  # "cpu" with offload: text; its embeddings go to ``device``
+    text_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if text_device.type == "cpu" else dtype)
+    cast(text_encoder, text_device, text_dtype)
     return Models(
         preset=preset,
-        dit=CausalWan(transformer),
-        vae=StreamingVae(vae),
-        text=TextEncoder(text_encoder, tokenizer, preset.text_len),
+        dit=CausalWan(
+            transformer,
+            attention=config.attention,
+            text_kv_cache=config.text_kv_cache,
+            rope_cache=config.rope_cache,
+            text_cache_prompts=2 * config.max_sessions + 2,  # each session's prompt, and the one it changes to
+        ),
+        vae=StreamingVae(vae)
+        if config.decoder == "wan"
+        else taehv_decoder(StreamingVae(vae), config.decoder_path, preset.seed, device, side_dtype),
+        text=TextEncoder(text_encoder, tokenizer, preset.text_len, device=device),
         source=where,
     )

@@ -40,10 +40,19 @@ class ByteTokenizer:
 
 
 class TextEncoder:
-    """prompt -> conditioning [text_len, text_dim]; the last ``cache_size`` prompts are kept."""
+    """prompt -> conditioning [text_len, text_dim] on ``device`` (None: the encoder's; the DiT's when the
+    encoder runs elsewhere, e.g. on the CPU with ``offload: text``); the last ``cache_size`` prompts are kept."""
 
-    def __init__(self, encoder: torch.nn.Module, tokenizer: Any, text_len: int, cache_size: int = 32) -> None:
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        tokenizer: Any,
+        text_len: int,
+        cache_size: int = 32,
+        device: torch.device | None = None,
+    ) -> None:
         self.encoder = encoder
+        self.device = device
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.cache_size = cache_size
@@ -75,6 +84,8 @@ class TextEncoder:
         states = self.encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state[0]
         n = int(mask.sum())
         states = torch.cat([states[:n], states.new_zeros(self.text_len - n, states.shape[-1])])  # [text_len, text_dim]
+        if self.device is not None:
+            states = states.to(self.device)
         self._cache[prompt] = states
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

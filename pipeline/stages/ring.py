@@ -106,7 +106,7 @@ class RingExecutor:
             out = self.stage.run(mb, act)
         self.link.send("work", mb, pack(out))
         self._out += 1
-        self._expected += sum(1 for s in mb.slots if s.last_step)
+        self._expected += sum(1 for s in mb.slots if s.decodes)
 
     def control(self, control: Control) -> None:
         self.stage.apply(control)  # stage 0 has run everything issued: at once is in order

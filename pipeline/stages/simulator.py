@@ -224,7 +224,7 @@ class Simulator:
             return
         # one process: the whole model ran in this thread; it decodes now (inline), or hands the clean
         # chunks to the decode phase, waiting for room
-        extra = 0.0 if self.threaded_decode else self.sim.decode_s * sum(1 for slot in mb.slots if slot.last_step)
+        extra = 0.0 if self.threaded_decode else self.sim.decode_s * sum(1 for slot in mb.slots if slot.decodes)
         if extra:
             self.decode_spans(self.now, extra, self.stages[0])
             self.driver_free = self.now + extra
@@ -262,7 +262,7 @@ class Simulator:
         st.busy.append((self.now, self.now + cost))
         st.dit.append((self.now, self.now + cost))
         if s == len(self.stages) - 1 and not self.threaded_decode:
-            extra = self.sim.decode_s * sum(1 for slot in mb.slots if slot.last_step)
+            extra = self.sim.decode_s * sum(1 for slot in mb.slots if slot.decodes)
             self.decode_spans(self.now + cost, extra, st)
             cost += extra
         self.at(self.now + cost, "done", s)
@@ -288,7 +288,7 @@ class Simulator:
             self.at(self.now + self.sim.link_s, "arrive", (s + 1, mb))
             return
         if self.threaded_decode:  # each clean chunk waits for room in the decode queue, one by one
-            clean = [slot for slot in mb.slots if slot.last_step]
+            clean = [slot for slot in mb.slots if slot.decodes]
             while mb.handed < len(clean) and len(self.decodes) < self.sim.decode_bound:
                 env = clean[mb.handed].envelope
                 self.decodes.append((env.session_id, env.chunk_index))
@@ -303,7 +303,7 @@ class Simulator:
     def finish(self, s: int, mb: _MB) -> None:
         """Results go back to stage 0; clean chunks are out (decoded inline) or in the decode queue."""
         for slot in mb.slots:
-            if slot.last_step and not self.threaded_decode:
+            if slot.decodes and not self.threaded_decode:
                 self.at(self.now, "out", (slot.envelope.session_id, slot.envelope.chunk_index))
         self.at(self.now + (self.sim.link_s if len(self.stages) > 1 else 0.0), "result", mb)
 

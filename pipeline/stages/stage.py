@@ -23,6 +23,7 @@ import torch
 from pipeline.config import SystemConfig
 from pipeline.decode import DecodeJob, DecodePhase
 from pipeline.models.causal_wan import AttnBatch, Denoiser, apply_rope
+from pipeline.perstep import PerStepKV, StepCaches, rope_position
 from pipeline.sampling import FlowSampler
 from pipeline.scheduler import Slot
 from pipeline.stats import PhaseTimer
@@ -57,6 +58,7 @@ class Activations:
     x: torch.Tensor  # [B, C, F, h, w] model dtype: each slot's input (the last stage makes x0 from it)
     sigma: torch.Tensor  # [B] float32
     text: torch.Tensor | None = None  # [B, Lt, Dt] text conditioning: into the first stage only
+    time: torch.Tensor | None = None  # [B] float32 the model's time input (None: 1000·σ): into the first stage only
     hidden: torch.Tensor | None = None  # [B, L, E] between stages
     temb: torch.Tensor | None = None  # [B, E]
     tproj: torch.Tensor | None = None  # [B, 6, E]
@@ -136,6 +138,31 @@ def attn_batch(model: Denoiser, kv: BatchKV, slots: tuple[Slot, ...], config: Sy
     return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=kv.mask(cf * grid[0] * grid[1]))
 
 
+def perstep_batch(
+    model: Denoiser, caches: list[StepCaches], slots: tuple[Slot, ...], config: SystemConfig
+) -> AttnBatch:
+    """The per-step rule's attention batch: each slot's level cache, its RoPE at its (wrapped) position."""
+    grid = model.grid(config.latent_size)
+    cache_frames = config.sink_frames + config.window_frames
+    starts = [
+        rope_position(s.envelope.frame_start, cache_frames, config.chunk_frames, config.rope_refresh) for s in slots
+    ]
+    frames = {s.frames for s in slots}
+    if len(frames) > 1:
+        raise ValueError(f"a micro-batch mixes chunks of {sorted(frames)} latent frames")
+    (n,) = frames
+    tpf = grid[0] * grid[1]
+    kv = PerStepKV(
+        caches,
+        [s.step for s in slots],
+        [f * tpf for f in starts],
+        [s.envelope.frame_start == 0 for s in slots],
+        n * tpf,
+    )
+    own = torch.tensor([list(range(f, f + n)) for f in starts], dtype=torch.long)
+    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=kv.mask(model.device))
+
+
 class Stage:
     def __init__(
         self,
@@ -158,7 +185,7 @@ class Stage:
         self.sampler = sampler
         self.decoder = decoder
         self.timer = timer or PhaseTimer(model.device.type)
-        self._windows: dict[str, tuple[int, KVWindow]] = {}  # session -> (epoch, KV window of these blocks)
+        self._windows: dict[str, tuple[int, KVWindow | StepCaches]] = {}  # session -> (epoch, its KV of these blocks)
         self._held_back: list[tuple[KVWindow, int, range, torch.Tensor, torch.Tensor]] = []
 
     # ---- sessions ---------------------------------------------------------------------------------
@@ -179,11 +206,11 @@ class Stage:
             if self.decoder is not None:
                 self.decoder.close(sid)
 
-    def _forget(self, window: KVWindow) -> None:
+    def _forget(self, window: KVWindow | StepCaches) -> None:
         """Writes held back for ``window`` are of an epoch that ended: they never land."""
         self._held_back = [h for h in self._held_back if h[0] is not window]
 
-    def window(self, session_id: str) -> KVWindow | None:
+    def window(self, session_id: str) -> KVWindow | StepCaches | None:
         held = self._windows.get(session_id)
         return None if held is None else held[1]
 
@@ -191,6 +218,16 @@ class Stage:
         return sum(w.nbytes for _, w in self._windows.values())
 
     def _window(self, env: Envelope) -> KVWindow:
+        window = self._held(env)
+        assert isinstance(window, KVWindow)
+        return window
+
+    def _caches(self, env: Envelope) -> StepCaches:
+        caches = self._held(env)
+        assert isinstance(caches, StepCaches)
+        return caches
+
+    def _held(self, env: Envelope) -> KVWindow | StepCaches:
         held = self._windows.get(env.session_id)
         if held is None or stale(held[0], env.epoch):  # a new session, or a new epoch not yet announced
             window = held[1] if held is not None else self._new_window()
@@ -200,8 +237,21 @@ class Stage:
             raise RuntimeError(f"chunk {env.key} reached stage {self.blocks} after its epoch ended")
         return held[1]
 
-    def _new_window(self) -> KVWindow:
+    def _new_window(self) -> KVWindow | StepCaches:
         cfg, model = self.config, self.model
+        if cfg.context == "per-step":
+            return StepCaches(
+                blocks=self.blocks,
+                levels=cfg.steps,
+                frames=cfg.sink_frames + cfg.window_frames,
+                sink=cfg.sink_frames,
+                adaptive_sink=cfg.adaptive_sink,
+                tokens_per_frame=cfg.tokens_per_frame,
+                heads=model.heads,
+                head_dim=model.head_dim,
+                dtype=model.dtype,
+                device=model.device,
+            )
         return KVWindow(
             blocks=self.blocks,
             sink=cfg.sink_frames,
@@ -219,16 +269,22 @@ class Stage:
     @torch.no_grad()
     def run(self, mb: MicroBatch, act: Activations) -> Activations:
         """This stage's part of ``mb``: returns what the next stage needs (the last: the velocity)."""
-        windows = [self._window(s.envelope) for s in mb.slots]
-        alone = mb.first_of_tick and mb.last_of_tick
-        kv = BatchKV(windows, mb.slots, self.config.chunk_frames, None if alone else self._held_back)
-        batch = attn_batch(self.model, kv, mb.slots, self.config)
+        if self.config.context == "per-step":
+            batch = perstep_batch(self.model, [self._caches(s.envelope) for s in mb.slots], mb.slots, self.config)
+        else:
+            windows = [self._window(s.envelope) for s in mb.slots]
+            alone = mb.first_of_tick and mb.last_of_tick
+            kv = BatchKV(windows, mb.slots, self.config.chunk_frames, None if alone else self._held_back)
+            batch = attn_batch(self.model, kv, mb.slots, self.config)
+        # each slot's text states are its prompt's (Engine._enter): the prompt names them for the text K/V cache
+        batch.text_keys = tuple(s.envelope.params.prompt for s in mb.slots)
         model = self.model
         with self.timer.phase("dit"):
             if self.first:
                 assert act.text is not None
-                act.hidden, act.temb, act.tproj, act.enc = model.embed(act.x, act.sigma, act.text)
-                act.text = None
+                time = act.sigma * 1000.0 if act.time is None else act.time
+                act.hidden, act.temb, act.tproj, act.enc = model.embed(act.x, time, act.text)
+                act.text = act.time = None
             assert act.hidden is not None and act.enc is not None and act.tproj is not None
             act.hidden = model.run_blocks(act.hidden, act.enc, act.tproj, batch, self.blocks)
             if self.last:
@@ -248,7 +304,7 @@ class Stage:
         assert self.decoder is not None and act.velocity is not None
         jobs = []
         for i, slot in enumerate(mb.slots):
-            if not slot.last_step:
+            if not slot.decodes:
                 continue
             x0 = self.sampler.x0(act.x[i : i + 1], act.sigma[i : i + 1], act.velocity[i : i + 1])[0]
             ready = None

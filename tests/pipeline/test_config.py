@@ -27,7 +27,8 @@ def write_config(tmp_path, **fields):
 
 def test_unknown_preset_names_it_and_the_known_ones(tmp_path):
     with pytest.raises(
-        ConfigError, match=r"'tiny2' is unknown; known presets: \['passthrough', 'tiny', 'tiny-deep', 'wan2.1-1.3b'\]"
+        ConfigError,
+        match=r"'tiny2' is unknown; known presets: \['passthrough', 'sdv2-tiny', 'tiny', 'tiny-deep', 'wan2.1-1.3b'\]",
     ):
         load_system_config(write_config(tmp_path, model="tiny2"))
     with pytest.raises(ConfigError, match="unknown"):
@@ -42,7 +43,7 @@ def test_unknown_preset_names_it_and_the_known_ones(tmp_path):
         ("timesteps", [1000, 0], r"timesteps=\[1000, 0\] is not allowed: every timestep in \(0, 1000\]"),
         ("timesteps", [500, 750], r"timesteps=\[500, 750\] is not allowed: strictly decreasing"),
         ("timesteps", [], r"timesteps=\[\] is not allowed"),
-        ("context", "future", r"context='future' is not allowed: one of \('stream', 'clean'\)"),
+        ("context", "future", r"context='future' is not allowed: one of \('stream', 'clean', 'per-step'\)"),
         ("dtype", "int8", r"dtype='int8' is not allowed"),
         ("chunk_frames", 0, r"chunk_frames=0 is not allowed: an integer >= 1"),
         ("window_frames", 5000, r"window_frames=5000 is not allowed: .*RoPE table"),

@@ -57,11 +57,18 @@ def scenario(engine: Engine) -> dict[tuple[str, int, int], tuple[np.ndarray, tor
     return out
 
 
+PER_STEP = dict(  # StreamDiffusionV2's rule (pipeline/perstep.py), with its adaptive sink and RoPE refresh in play
+    first_chunk_frames=2, adaptive_sink=0.3, rope_refresh=6, timestep_rule="table", shift=8.0, timesteps=[700, 500, 300]
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("context", ["stream", "clean"])
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize(
+    ("stages", "context"), [(2, "stream"), (3, "stream"), (2, "clean"), (3, "clean"), (2, "per-step")]
+)
 def test_a_ring_of_gloo_processes_gives_the_frames_of_one_process(stages, context):
-    config = with_layers(tiny_config(dtype="float64", context=context, sink_frames=1, window_frames=3), 4)
+    rule = PER_STEP if context == "per-step" else {}
+    config = with_layers(tiny_config(dtype="float64", context=context, sink_frames=1, window_frames=3, **rule), 4)
     models = load_models(config)
     one = Engine(config, models, executor=executor(config, models, keep_latents=True))
     want = scenario(one)
