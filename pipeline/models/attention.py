@@ -71,12 +71,14 @@ def attend(
 
 
 class TextKVCache:
-    """Keys/values of the text states per (key, block), the ``capacity`` most recent keys kept."""
+    """Keys/values of the text states per (key, block), and the text states themselves per key (made by
+    the first stage's text embedder); the ``capacity`` most recent keys kept."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[Hashable, dict[int, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.misses = 0  # projections made (tests, benchmarks)
+        self._states: OrderedDict[Hashable, torch.Tensor] = OrderedDict()  # key -> text states [Lt, E]
 
     def get(self, key: Hashable, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         entry = self._entries.get(key)
@@ -92,8 +94,22 @@ class TextKVCache:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
+    def states(self, key: Hashable) -> torch.Tensor | None:
+        """The text states [Lt, E] the text embedder made of ``key``'s text, if kept."""
+        hit = self._states.get(key)
+        if hit is not None:
+            self._states.move_to_end(key)
+        return hit
+
+    def keep_states(self, key: Hashable, states: torch.Tensor) -> None:
+        self._states[key] = states
+        self._states.move_to_end(key)
+        while len(self._states) > self.capacity:
+            self._states.popitem(last=False)
+
     def clear(self) -> None:
         self._entries.clear()
+        self._states.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

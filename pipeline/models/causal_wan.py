@@ -72,7 +72,7 @@ class Denoiser(Protocol):
     def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def embed(
-        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor
+        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor, text_keys: tuple[Hashable, ...] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """time [B]: the timestep input (1000·σ) -> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E],
         text states [B, Lt, E]."""
@@ -244,14 +244,38 @@ class CausalWan(torch.nn.Module):
         return latent_hw[0] // ph, latent_hw[1] // pw
 
     def embed(
-        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        text: torch.Tensor,
+        text_keys: tuple[Hashable, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, C, F, h, w], time [B] (the timestep input: 1000·σ, or the raw timestep under the
         ``table`` rule), text [B, Lt, text_dim] -> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E],
-        text states [B, Lt, E]."""
+        text states [B, Lt, E]. With the text cache on and ``text_keys`` naming each slot's text (its
+        prompt), the text states are made once per prompt (the text embedder over Lt tokens), not per slot."""
         t = self.transformer
         hidden = t.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B, L, E]
-        temb, tproj, enc, _ = t.condition_embedder(time.to(torch.float32), text.to(self.dtype))
+        text = text.to(self.dtype)
+        if self.text_cache is None or text_keys is None:
+            temb, tproj, enc, _ = t.condition_embedder(time.to(torch.float32), text)
+            return hidden, temb, tproj.unflatten(1, (6, -1)), enc
+        if len(text_keys) != len(text):
+            raise ValueError(f"{len(text_keys)} text keys for a batch of {len(text)} slots")
+        temb, tproj, _, _ = t.condition_embedder(time.to(torch.float32), text[:, :1])  # the time part only
+        states = {}
+        for i, key in enumerate(text_keys):
+            if key not in states:
+                hit = self.text_cache.states(key)
+                if hit is None:
+                    hit = t.condition_embedder.text_embedder(text[i : i + 1])[0]
+                    self.text_cache.keep_states(key, hit)
+                states[key] = hit
+        if len(states) == 1:
+            (one,) = states.values()
+            enc = one.expand(len(text), *one.shape)
+        else:
+            enc = torch.stack([states[k] for k in text_keys])
         return hidden, temb, tproj.unflatten(1, (6, -1)), enc
 
     def run_blocks(

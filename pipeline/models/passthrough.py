@@ -13,6 +13,7 @@ bit as they went in: the latency of the system itself can be measured with frame
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ class PassthroughDit(torch.nn.Module):
         return ones, torch.zeros_like(ones)
 
     def embed(
-        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor
+        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor, text_keys: tuple[Hashable, ...] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [B, L, 1] zeros (one token per latent pixel), and one-wide stand-ins for the rest."""
         b, _, f, h, w = x.shape

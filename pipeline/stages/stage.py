@@ -283,7 +283,7 @@ class Stage:
             if self.first:
                 assert act.text is not None
                 time = act.sigma * 1000.0 if act.time is None else act.time
-                act.hidden, act.temb, act.tproj, act.enc = model.embed(act.x, time, act.text)
+                act.hidden, act.temb, act.tproj, act.enc = model.embed(act.x, time, act.text, batch.text_keys)
                 act.text = act.time = None
             assert act.hidden is not None and act.enc is not None and act.tproj is not None
             act.hidden = model.run_blocks(act.hidden, act.enc, act.tproj, batch, self.blocks)
