@@ -68,6 +68,14 @@ def random_components(
     return transformer, vae, text
 
 
+WAN_VAE_BASE_DIM = 96  # Wan2.1's VAE
+
+
+def vae_scale(preset: ModelPreset) -> float:
+    """How the preset's Wan VAE is shrunk from Wan's (tiny: 8/96); a random TAEHV is shrunk alike."""
+    return float(preset.vae.get("base_dim", WAN_VAE_BASE_DIM)) / WAN_VAE_BASE_DIM
+
+
 def save_pretrained(folder: str | Path, transformer: Any, vae: Any, text_encoder: Any, tokenizer: Any) -> None:
     """Write components in the layout :func:`load_models` reads (used by tests for tiny checkpoints)."""
     folder = Path(folder)
@@ -193,7 +201,7 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
         ),
         vae=StreamingVae(vae)
         if config.decoder == "wan"
-        else taehv_decoder(StreamingVae(vae), config.decoder_path, preset.seed, device, side_dtype),
+        else taehv_decoder(StreamingVae(vae), config.decoder_path, preset.seed, device, side_dtype, vae_scale(preset)),
         text=TextEncoder(text_encoder, tokenizer, preset.text_len, device=device),
         source=where,
     )

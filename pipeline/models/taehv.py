@@ -22,6 +22,7 @@ Inside the decoder, frames are flattened into the batch: [B·T, C, H, W].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class Taehv(nn.Module):
     The module order inside ``encoder`` and ``decoder`` is the published state dict's key layout
     (``decoder.3.conv.0.weight``, ``decoder.7.conv.weight``, ...): do not reorder."""
 
-    def __init__(self, latent_channels: int = LATENT_CHANNELS) -> None:
+    def __init__(self, latent_channels: int = LATENT_CHANNELS, widths: tuple[int, ...] = DECODER_WIDTHS) -> None:
         super().__init__()
         self.latent_channels = latent_channels
 
@@ -110,7 +111,7 @@ class Taehv(nn.Module):
         self.encoder = nn.Sequential(
             conv3x3(3, 64), nn.ReLU(), *level(2), *level(2), *level(1), conv3x3(64, latent_channels)
         )
-        w = DECODER_WIDTHS
+        w = widths
 
         def up(i: int, t_stride: int) -> list[nn.Module]:  # a decoder level: three MemBlocks, space x2, time xN
             mems = [MemBlock(w[i], w[i]) for _ in range(3)]
@@ -226,11 +227,18 @@ class StreamingTaehv:
         return self.taehv.decode_video(latents.to(dtype).transpose(1, 2)).mul(2).sub(1).transpose(1, 2)
 
 
-def random_taehv(seed: int) -> Taehv:
-    """The full-size architecture with weights drawn from ``seed`` (torch's default init)."""
+def shrunk_widths(scale: float) -> tuple[int, ...]:
+    """Decoder widths scaled by ``scale`` (multiples of 4, at least 8): a random TAEHV shrunk as its preset's
+    Wan VAE is (``tiny``: base_dim 8 of Wan's 96), for plumbing and timings on a CPU."""
+    return tuple(max(8, 4 * math.ceil(w * min(scale, 1.0) / 4)) for w in DECODER_WIDTHS)
+
+
+def random_taehv(seed: int, scale: float = 1.0) -> Taehv:
+    """The architecture with weights drawn from ``seed`` (torch's default init); decoder widths scaled by
+    ``scale`` (1: the published size)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Taehv()
+        return Taehv(widths=shrunk_widths(scale))
 
 
 def _read_state_dict(path: Path) -> dict[str, Any]:
@@ -296,9 +304,10 @@ def load_taehv(path: str | Path) -> Taehv:
 
 
 def taehv_decoder(
-    wan: StreamingVae, path: str | None, seed: int, device: torch.device, dtype: torch.dtype
+    wan: StreamingVae, path: str | None, seed: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0
 ) -> StreamingTaehv:
-    """The engine's TAEHV decoder: the weights of ``path``, or seeded random ones when ``path`` is None."""
-    model = load_taehv(path) if path is not None else random_taehv(seed)
+    """The engine's TAEHV decoder: the weights of ``path``, or seeded random ones when ``path`` is None
+    (decoder widths scaled by ``scale``, as the preset's Wan VAE is scaled from Wan's)."""
+    model = load_taehv(path) if path is not None else random_taehv(seed, scale)
     model.to(device=device, dtype=dtype)
     return StreamingTaehv(model, wan)
