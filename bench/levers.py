@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(a.rounds):
         for s, case in cases:
             config = replace(base, timesteps=thinned(base.timesteps, s.steps), decoder=s.decoder, attention=s.attention)
-            run_round(case, engine_models(shared, s, decoders), config, config.steps + 2, a.ticks)
+            # until the windows are full: the steady state's shapes
+            warmup = (config.sink_frames + config.window_frames) // config.chunk_frames + config.steps + 2
+            run_round(case, engine_models(shared, s, decoders), config, warmup, a.ticks)
             print(f"  round {round_ + 1}/{a.rounds} {s.name}: done", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     for s, case in cases:
