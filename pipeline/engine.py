@@ -214,8 +214,8 @@ class Engine:
             next_chunk_index=s.next_chunk_index,
             next_video_frame=s.next_video_frame,
             demand=s.demand,
-            denoising=sum(1 for c in s.in_flight if not c.clean),
-            in_flight=len(s.in_flight),
+            denoising=sum(1 for c in s.in_flight if not c.clean and not c.phantom),
+            in_flight=sum(1 for c in s.in_flight if not c.phantom),  # a per-step phantom is no chunk of the session
             undelivered=s.undelivered,
             input=s.intake.need() if s.intake is not None else NO_INPUT,
             params=s.params,

@@ -271,3 +271,20 @@ def test_the_sdv2_system_preset_is_their_configuration():
     assert (cfg.adaptive_sink, cfg.rope_refresh, cfg.first_frames, cfg.chunk_frames) == (0.2, 50, 2, 1)
     assert cfg.model_times() == (700.0, 500.0) and cfg.sigmas() == (table_sigma(700, 8.0), table_sigma(500, 8.0))
     assert (cfg.frames_for_chunk(True), cfg.frames_for_chunk(False)) == (5, 4)  # 1 + 4 video frames, then 4
+
+
+def test_phantoms_are_no_chunks_of_the_session():
+    from pipeline.commands import Query
+
+    cfg = per_step()
+    models = load_models(cfg)
+    engine = parity.Engine(cfg, models, local_executor(cfg, models))
+    sid = open_t2v(engine, 3)
+    while engine.stats.ticks < cfg.steps + 1:  # the first chunk's T ticks, then the first stream chunk's
+        engine.step()
+    phantoms = [c for c in engine.sessions[sid].in_flight if c.phantom]
+    assert len(phantoms) == cfg.steps - 2  # the one that entered at the top level is gone already
+    status = engine.apply(Query(sid))
+    assert status.in_flight == len(engine.sessions[sid].in_flight) - len(phantoms) == 1
+    drain(engine)
+    engine.close()

@@ -91,8 +91,11 @@ def test_a_receiver_that_vanishes_does_not_stop_the_run_or_the_recording(tmp_pat
         text=True,
     )
     assert proc.stderr is not None
-    said = proc.stderr.readline()  # the first line comes once the stream is connected
-    assert "-> rtmp://" in said, said
+    said = ""
+    while "-> rtmp://" not in said:  # after the memory plan, this line comes once the stream is connected
+        line = proc.stderr.readline()
+        assert line, said
+        said += line
     time.sleep(2.0)
     rx.kill()  # the receiver vanishes mid-stream
     rx.communicate()
