@@ -16,7 +16,7 @@ import socket
 import sys
 
 from pipeline.config import CONFIG_DIR, ConfigError, load_system_config
-from streamer.convert import add_checkpoint_flags, add_convert_parser, checkpoint_spec
+from streamer.convert import add_checkpoint_flags, add_convert_parser, model_flags
 from streamer.plan import add_memory_flags, memory_gate
 from streamer.run import EXIT_BAD_INPUT, check_stages, cmd_run, parse_split
 
@@ -53,18 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from streamer.signaling import ice_addresses_for, use_consent_interval, use_ice_addresses
 
     try:
-        config = load_system_config(
-            args.config,
-            model_source=args.model,
-            checkpoint=checkpoint_spec(args),
-            device=args.device,
-            dtype=args.dtype,
-            max_sessions=args.max_sessions,
-            decoder=args.decoder,
-            decoder_path=args.decoder_path,
-            text_encoder_device=args.text_encoder_device,
-            offload=args.offload,
-        )
+        config = load_system_config(args.config, max_sessions=args.max_sessions, **model_flags(args))
         if not 0 < args.port < 65536:
             raise ValueError(f"--port={args.port} is not allowed: 1..65535")
         if not 1 <= args.consent_interval <= 30:
@@ -247,15 +236,7 @@ def stage_worker(args: argparse.Namespace) -> int:
     from pipeline.stages.launch import run_worker, torchrun_ring
 
     try:
-        config = load_system_config(
-            args.config,
-            model_source=args.model,
-            checkpoint=checkpoint_spec(args),
-            device=args.device,
-            dtype=args.dtype,
-            decoder=args.decoder,
-            decoder_path=args.decoder_path,
-        )
+        config = load_system_config(args.config, **model_flags(args))
     except ConfigError as e:
         print(f"streamer: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

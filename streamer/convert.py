@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import CHECKPOINT_FORMATS, CheckpointSpec, ConfigError, known_presets, load_model_preset
 
@@ -55,6 +56,21 @@ def checkpoint_spec(args: argparse.Namespace) -> CheckpointSpec | None:
     return CheckpointSpec(
         path=args.checkpoint, format=args.checkpoint_format, lora=args.lora, lora_scale=args.lora_scale, ema=args.ema
     )
+
+
+def model_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The config overrides that say which model runs where, as ``run``, ``serve`` and a torchrun stage
+    worker all take them (every rank of a ring must build the same config); None: the config's own."""
+    return {
+        "model_source": args.model,
+        "checkpoint": checkpoint_spec(args),
+        "device": args.device,
+        "dtype": args.dtype,
+        "decoder": args.decoder,
+        "decoder_path": args.decoder_path,
+        "text_encoder_device": getattr(args, "text_encoder_device", None),
+        "offload": getattr(args, "offload", None),
+    }
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:

@@ -34,7 +34,7 @@ from pipeline.models.loader import load_models
 from pipeline.stages.launch import make_executor
 from pipeline.stages.transport import StageFailure
 from pipeline.types import UserParams
-from streamer.convert import checkpoint_spec
+from streamer.convert import model_flags
 from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
 from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
@@ -363,19 +363,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         targets = check_targets(args.out, args.also_record or [], args.input)
         config = load_system_config(
             args.config,
-            model_source=args.model,
-            checkpoint=checkpoint_spec(args),
             height=args.height,
             width=args.width,
-            device=args.device,
-            dtype=args.dtype,
             context=args.context,
             timesteps=parse_timesteps(args.timesteps),
             fps=args.fps,
-            decoder=args.decoder,
-            decoder_path=args.decoder_path,
-            text_encoder_device=args.text_encoder_device,
-            offload=args.offload,
+            **model_flags(args),
         )
         script = load_prompts(args.prompts) if args.prompts else None
         prompt = (script.initial_prompt() if script else None) or args.prompt
