@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -200,7 +200,7 @@ def wait_ready(store: Any, board: Board, stages: int) -> None:
         time.sleep(0.05)
 
 
-def run_worker(ring: Ring) -> int:
+def run_worker(ring: Ring) -> NoReturn:
     """Stage ``ring.rank`` (not 0): load the model, keep this stage's blocks, run until stop."""
     from pipeline.models.loader import load_models
     from pipeline.stages.ring import run_stage
@@ -227,7 +227,6 @@ def run_worker(ring: Ring) -> int:
         stage = Stage(models.dit, config, blocks, models.sampler, decoder, timer)
         store.set(f"ready/{ring.rank}", "1")
         run_stage(stage, ring, board, groups)
-        return 0
     except BaseException as e:
         if not isinstance(e, StageFailure):
             board.post(f"{type(e).__name__}: {e}")
@@ -236,6 +235,12 @@ def run_worker(ring: Ring) -> int:
         os._exit(4)  # at once: the ring is broken, and gloo's teardown would wait for the peer that is gone
     finally:
         board.close()
+    # The stop went round and everything this stage owed is sent. Leave without the interpreter's teardown:
+    # under torchrun it sometimes destroyed gloo's objects in an order that aborted the process
+    # ("terminate called without an active exception", exit -6) after a run that had gone right.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _on(config: SystemConfig, device: torch.device) -> SystemConfig:
