@@ -37,7 +37,7 @@ from pipeline.engine import Engine
 from pipeline.executor import local_executor
 from pipeline.models.causal_wan import CausalWan
 from pipeline.models.convert import wan_original_to_diffusers
-from pipeline.models.loader import Models, cast, random_components
+from pipeline.models.loader import DTYPES, Models, cast, random_components
 from pipeline.models.vae import StreamingVae
 from pipeline.sampling import FlowSampler
 from pipeline.types import Envelope, UserParams
@@ -110,7 +110,7 @@ def build_models(bundle: dict[str, Any], config: Any, source: str) -> Models:
     tcfg, state = wan_original_to_diffusers(bundle["state_dict"], source, heads=int(kwargs["num_heads"]))
     transformer = WanTransformer3DModel(**tcfg)
     transformer.load_state_dict(state, strict=True)
-    dtype = getattr(torch, config.dtype)
+    dtype = DTYPES[config.dtype]
     cast(transformer, torch.device("cpu"), dtype)
     preset = dataclasses.replace(
         load_model_preset("tiny"),
@@ -156,15 +156,13 @@ def draws_by_key(bundle: dict[str, Any], steps: int) -> dict[tuple[int, int], to
 
 
 def run(bundle_path: str, dtype: str = "float32") -> dict[str, Any]:
-    torch.set_grad_enabled(False)
     bundle = load_bundle(bundle_path)
     config = config_for(bundle, dtype)
     models = build_models(bundle, config, bundle_path)
     steps = config.steps
     inputs = {0: ours(bundle["first_chunk"][0])} | {j + 1: ours(c[0]) for j, c in enumerate(bundle["chunks"])}
     draws = draws_by_key(bundle, steps)
-    engine = Engine(config, models, local_executor(config, models, keep_latents=True))
-    torch_dtype = engine.dtype
+    torch_dtype = DTYPES[config.dtype]
 
     def replay(env: Envelope, step: int, shape: tuple[int, ...]) -> torch.Tensor:
         t = inputs[env.chunk_index] if step == 0 else draws[(env.chunk_index, step)]
@@ -172,7 +170,7 @@ def run(bundle_path: str, dtype: str = "float32") -> dict[str, Any]:
             raise RuntimeError(f"chunk {env.chunk_index} step {step}: bundle tensor {tuple(t.shape)} != ours {shape}")
         return t.to(torch_dtype)
 
-    engine.noise = replay  # type: ignore[method-assign]
+    engine = Engine(config, models, local_executor(config, models, keep_latents=True), noise=replay)
     calls = len(bundle["chunks"])
     sid = engine.apply(Open(UserParams(prompt="bundle"))).session_id
     # the first chunk, then those that leave within their calls (later ones never touch these: a chunk
@@ -217,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_grad_enabled(False)
     result = run(a.bundle) | {"tol": a.tol}
     result["passed"] = result["max_abs_diff"] <= a.tol
     for r in result["per_chunk"]:

@@ -45,7 +45,7 @@ from pipeline.executor import Executor, Velocity, local_executor
 from pipeline.intake import NO_INPUT, Intake
 from pipeline.models.loader import DTYPES, Models, load_models
 from pipeline.sampling import chunk_noise
-from pipeline.scheduler import Scheduler, Slot, fold
+from pipeline.scheduler import NoiseSource, Scheduler, Slot, fold
 from pipeline.stages.dispatch import Dispatcher, TickWork
 from pipeline.stages.stage import Activations, Control, MicroBatch
 from pipeline.state import ChunkState, SessionState
@@ -86,6 +86,7 @@ class Engine:
         models: Models | None = None,
         executor: Executor | None = None,
         max_input_chunks: int | None = None,
+        noise: NoiseSource | None = None,
     ) -> None:
         self.config = config
         self.models = models if models is not None else load_models(config)
@@ -106,6 +107,8 @@ class Engine:
         # v2v input chunks a session may have waiting to enter: a file source can run ahead (default
         # 2 steps' worth); a live source keeps it small so that waiting input never builds latency.
         self._max_input_chunks = max_input_chunks or 2 * config.steps
+        # ε of a chunk entering a step: keyed by default; bench.parity replays recorded draws instead
+        self.noise: NoiseSource = noise if noise is not None else self._keyed_noise
 
     @property
     def pipeline_depth(self) -> int:
@@ -283,9 +286,9 @@ class Engine:
         chunk = s.intake.take()
         return self.models.sampler.noised(chunk.latents, slot.sigma, noise), text, chunk.arrived
 
-    def noise(self, env: Envelope, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _keyed_noise(self, env: Envelope, step: int, shape: tuple[int, ...]) -> torch.Tensor:
         """ε of chunk ``env`` entering ``step`` (0: its first input): keyed, independent of batching
-        (``pipeline.sampling.chunk_noise``). ``bench.parity`` replaces it with recorded draws."""
+        (``pipeline.sampling.chunk_noise``)."""
         return chunk_noise(env.params.seed, env.epoch, env.chunk_index, step, shape, self.dtype, self.device)
 
     def _issue(self) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import SystemConfig
-from pipeline.sampling import FlowSampler, chunk_noise, strength_sigmas, table_sigma
+from pipeline.sampling import FlowSampler, strength_sigmas, table_sigma
 from pipeline.state import ChunkState, SessionState
 from pipeline.types import PTS_CLOCK, Envelope
 from pipeline.window import context_frames
@@ -56,13 +56,13 @@ class Slot:
     sigmas: tuple[float, ...]  # the chunk's whole table (sigma == sigmas[step] for a denoising step)
     admit: bool  # True: the chunk enters the window with this slot (its x is made from noise/input)
     context: tuple[int, ...]  # latent frames of the same epoch it reads from the KV window (stream, clean)
-    time: float = -1.0  # the model's time input (timestep embedding); -1: 1000·sigma
     frames: int = 1  # latent frames of its chunk
-    times: tuple[float, ...] = ()  # the chunk's time inputs, aligned with sigmas (): 1000·σ)
+    times: tuple[float, ...] = ()  # the model's time input at each step, aligned with sigmas (): 1000·σ
 
     @property
     def model_time(self) -> float:
-        return 1000.0 * self.sigma if self.time < 0 else self.time
+        """The model's time input (its timestep embedding) of this slot."""
+        return self.times[self.step] if self.step < len(self.times) else 1000.0 * self.sigma
 
     @property
     def phantom(self) -> bool:
@@ -122,7 +122,7 @@ class Scheduler:
         sigmas = strength_sigmas(self.sigmas, s.params.strength)
         return sigmas, tuple(1000.0 * x for x in sigmas)
 
-    def new_envelope(self, s: SessionState) -> tuple[Envelope, tuple[float, ...]]:
+    def new_envelope(self, s: SessionState) -> Envelope:
         first = s.next_frame == 0
         n = self.config.frames_for_chunk(first)
         env = Envelope(
@@ -135,7 +135,7 @@ class Scheduler:
             num_frames=n,
             params=s.params,
         )
-        return env, self.schedule_of(s)[0]
+        return env
 
     def _context(self, frame_start: int) -> tuple[int, ...]:
         if self.per_step:
@@ -147,22 +147,17 @@ class Scheduler:
         slots: list[Slot] = []
         for s in states:
             for c in s.in_flight:
-                f0 = c.envelope.frame_start
-                slots.append(
-                    Slot(
-                        c.envelope, c.step, c.sigma, c.sigmas, False, self._context(f0), c.time,
-                        cfg.latent_frames(f0), c.times,
-                    )
-                )  # fmt: skip
+                f0, frames = c.envelope.frame_start, cfg.latent_frames(c.envelope.frame_start)
+                slots.append(Slot(c.envelope, c.step, c.sigma, c.sigmas, False, self._context(f0), frames, c.times))
             if self.admits(s):
-                env, _ = self.new_envelope(s)
+                env = self.new_envelope(s)
                 sigmas, times = self.schedule_of(s)
                 f0, frames = env.frame_start, cfg.latent_frames(env.frame_start)
-                slots.append(Slot(env, 0, sigmas[0], sigmas, True, self._context(f0), times[0], frames, times))
+                slots.append(Slot(env, 0, sigmas[0], sigmas, True, self._context(f0), frames, times))
                 if self.per_step and f0 == cfg.first_frames and len(sigmas) > 1:
                     for level in range(1, len(sigmas)):  # the pipeline fill: phantoms of zeros above it
                         ghost = dataclasses.replace(env, chunk_index=-level, num_frames=0)
-                        slots.append(Slot(ghost, level, sigmas[level], sigmas, True, (), times[level], frames, times))
+                        slots.append(Slot(ghost, level, sigmas[level], sigmas, True, (), frames, times))
         return TickPlan(tick=tick, slots=tuple(slots))
 
     # ---- the update step ------------------------------------------------------------------------
@@ -173,19 +168,15 @@ class Scheduler:
         chunks = []
         for slot in plan.slots:
             s = states[slot.envelope.session_id]
-            c = self.enter(s, slot, enter) if slot.admit else self.advance(s, slot)
-            if slot.admit and self.per_step and slot.last_step:
-                s.in_flight.remove(c)  # a one-step schedule (or a phantom at the top level): gone at once
+            if slot.admit:
+                c = self.enter(s, slot, enter)
+            else:
+                c = next(c for c in s.in_flight if c.envelope == slot.envelope)
+                c.step += 1
+            if slot.is_write or (self.per_step and slot.last_step):
+                s.in_flight.remove(c)  # it leaves with its σ=0 write (per-step, which has none: its last step)
             chunks.append(c)
         return chunks
-
-    def advance(self, s: SessionState, slot: Slot) -> ChunkState:
-        """A chunk in flight moves to its next step; it leaves with its σ=0 write (per-step: its last step)."""
-        c = next(c for c in s.in_flight if c.envelope == slot.envelope)
-        c.step += 1
-        if slot.is_write or (self.per_step and slot.last_step):
-            s.in_flight.remove(c)
-        return c
 
     def enter(self, s: SessionState, slot: Slot, enter: ChunkMaker) -> ChunkState:
         env = slot.envelope
@@ -230,20 +221,16 @@ def fold(
     sigma: torch.Tensor,
     velocity: torch.Tensor,
     sampler: FlowSampler,
-    noise: NoiseSource | None = None,
+    noise: NoiseSource,
 ) -> None:
     """A slot's result comes back: x [C, F, h, w] was its input at ``sigma`` ([1] tensor). After the
     last step the chunk holds x0 (for its σ=0 write); before it, the next step's input with fresh noise
-    drawn from (seed, epoch, chunk, step). The σ=0 write's result is not used."""
+    from ``noise`` (the engine's, keyed by seed, epoch, chunk and step). The σ=0 write's result is not used."""
     if slot.is_write:
         return
     x0 = sampler.x0(x[None], sigma, velocity[None])[0]
     if slot.last_step:
         chunk.x = x0
         return
-    env, step = chunk.envelope, slot.step + 1
-    if noise is None:
-        eps = chunk_noise(env.params.seed, env.epoch, env.chunk_index, step, tuple(x.shape), x.dtype, x.device)
-    else:
-        eps = noise(env, step, tuple(x.shape))
-    chunk.x = sampler.noised(x0, chunk.sigmas[step], eps)
+    step = slot.step + 1
+    chunk.x = sampler.noised(x0, chunk.sigmas[step], noise(chunk.envelope, step, tuple(x.shape)))

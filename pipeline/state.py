@@ -35,13 +35,6 @@ class ChunkState:
         return self.sigmas[self.step] if self.step < len(self.sigmas) else 0.0
 
     @property
-    def time(self) -> float:
-        """The model's time input of its next slot (its timestep embedding)."""
-        if self.step >= len(self.sigmas):
-            return 0.0
-        return self.times[self.step] if self.times else 1000.0 * self.sigmas[self.step]
-
-    @property
     def phantom(self) -> bool:
         """A per-step pipeline-fill slot of zeros (pipeline/perstep.py): computed, never decoded."""
         return self.envelope.chunk_index < 0

@@ -20,6 +20,7 @@ import torch
 from bench import parity
 from pipeline.commands import Cut
 from pipeline.config import ConfigError
+from pipeline.engine import Engine
 from pipeline.executor import local_executor
 from pipeline.models.loader import load_models
 from pipeline.perstep import StepCaches, rope_position
@@ -123,7 +124,7 @@ def test_config_rejects_per_step_fields_elsewhere():
 
 def run(config, sessions=1, chunks=7, batching="tick", cut_after=None):
     models = load_models(config)
-    engine = parity.Engine(config, models, local_executor(config, models, batching=batching, keep_latents=True))
+    engine = Engine(config, models, local_executor(config, models, batching=batching, keep_latents=True))
     sids = [open_t2v(engine, chunks, prompt=f"p{i}", seed=i) for i in range(sessions)]
     out = drain(engine)
     if cut_after is not None:
@@ -278,7 +279,7 @@ def test_phantoms_are_no_chunks_of_the_session():
 
     cfg = per_step()
     models = load_models(cfg)
-    engine = parity.Engine(cfg, models, local_executor(cfg, models))
+    engine = Engine(cfg, models, local_executor(cfg, models))
     sid = open_t2v(engine, 3)
     while engine.stats.ticks < cfg.steps + 1:  # the first chunk's T ticks, then the first stream chunk's
         engine.step()
