@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan
 
+from bench.soak.report import cpu_model
 from pipeline.config import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR, load_model_preset
 from pipeline.models.loader import cast
 from pipeline.models.taehv import StreamingTaehv, random_taehv
@@ -31,16 +32,6 @@ from pipeline.models.vae import StreamingVae
 
 CPU_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (256, 256))
 GPU_SIZES: tuple[tuple[int, int], ...] = ((480, 832),)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def decoders(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -107,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((torch.device("cuda"), torch.bfloat16, GPU_SIZES))
     report: dict[str, Any] = {
         "machine": {
-            "cpu": cpu_model(),
+            "cpu": cpu_model() or "unknown",
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

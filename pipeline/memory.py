@@ -181,14 +181,9 @@ def _elements(cache: list[Any]) -> int:
     return sum(e.numel() for e in cache if isinstance(e, torch.Tensor))
 
 
-def decoder_kind(config: SystemConfig) -> str:
-    return str(getattr(config, "decoder", "wan"))
-
-
 def vae_profile(config: SystemConfig) -> VaeProfile:
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.model.vae.items()))
-    first = getattr(config, "first_frames", config.chunk_frames)
-    return _vae_profile(items, config.latent_size, config.chunk_frames, first, decoder_kind(config))
+    return _vae_profile(items, config.latent_size, config.chunk_frames, config.first_frames, config.decoder)
 
 
 # ---- per-session and per-forward sizes --------------------------------------------------------------
@@ -242,7 +237,7 @@ def dit_activation_bytes(config: SystemConfig) -> int:
     t = config.model.transformer
     heads, dim = heads_and_dim(config)
     e, ffn = heads * dim, int(t["ffn_dim"])
-    frames = max(getattr(config, "first_frames", config.chunk_frames), config.chunk_frames)
+    frames = max(config.first_frames, config.chunk_frames)
     own = frames * config.tokens_per_frame
     ctx = (config.sink_frames + config.window_frames) * config.tokens_per_frame
     b = slots_per_tick(config)
@@ -257,14 +252,6 @@ def side_dtype(config: SystemConfig, device: str) -> str:
     if config.dtype == "float64":
         return "float64"
     return "float32" if device == "cpu" else config.dtype
-
-
-def text_device(config: SystemConfig) -> str:
-    return str(getattr(config, "text_device", config.device))
-
-
-def offload(config: SystemConfig) -> str:
-    return str(getattr(config, "offload", "none"))
 
 
 # ---- the plan ---------------------------------------------------------------------------------------
@@ -369,7 +356,7 @@ def plan_memory(
     n_blocks = preset.num_layers
     sizes = split or even_split(n_blocks, stages)
     devices = stage_devices(config, stages)
-    offloaded = text_device(config) == "cpu"
+    offloaded = config.text_device == "cpu"
     columns = list(dict.fromkeys([*devices, *(["cpu"] if offloaded else [])]))
     rows: dict[str, dict[str, int]] = {k: dict.fromkeys(columns, 0) for k in ROWS}
     peak = dict.fromkeys(columns, 0)
@@ -435,7 +422,7 @@ def _notes(
         f"{config.model.name} {config.width}x{config.height} {config.dtype}, {config.max_sessions} sessions, "
         f"context={config.context} (x{kv_copies(config)} KV), {config.steps} steps, {slots_per_tick(config)} "
         f"slots per tick, sink {config.sink_frames} + window {config.window_frames} frames, "
-        f"{config.tokens_per_frame} tokens/frame, offload={offload(config)}"
+        f"{config.tokens_per_frame} tokens/frame, offload={config.offload}"
     ]
     if stages > 1:
         notes.append(f"{stages} stages, blocks {sizes}; every stage loads every component, then frees others' blocks")

@@ -27,9 +27,8 @@ from diffusers import WanTransformer3DModel
 
 from pipeline.config import CHECKPOINT_FORMATS, CheckpointSpec, ConfigError, ModelPreset
 from pipeline.models.convert import (
-    _FORWARD,
-    _rename,
     check_against,
+    diffusers_key,
     diffusers_to_wan_original,
     wan_original_config,
     wan_original_to_diffusers,
@@ -179,7 +178,7 @@ def merge_lora(sd: dict[str, torch.Tensor], spec_lora: str, scale: float) -> dic
         raise ConfigError(f"LoRA {source!r}: holds no adapters")
     out = dict(sd)
     for module, (a, b, alpha) in sorted(pairs.items()):
-        key = _rename(f"{module}.weight", _FORWARD) if f"{module}.weight" not in out else f"{module}.weight"
+        key = diffusers_key(f"{module}.weight") if f"{module}.weight" not in out else f"{module}.weight"
         if key is None or key not in out:
             raise ConfigError(f"LoRA {source!r}: module {module!r} is not a weight of the checkpoint")
         w = out[key]

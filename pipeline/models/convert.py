@@ -88,6 +88,11 @@ def _rename(key: str, tables: tuple[dict[str, str], ...]) -> str | None:
     return None
 
 
+def diffusers_key(key: str) -> str | None:
+    """An original Wan key's name in diffusers' layout, or None when it is not one the mapping knows."""
+    return _rename(key, _FORWARD)
+
+
 def _shape(sd: dict[str, torch.Tensor], key: str, source: str) -> tuple[int, ...]:
     if key not in sd:
         raise ConfigError(f"checkpoint {source!r}: missing key {key!r} (original Wan key names)")
@@ -177,7 +182,7 @@ def wan_original_to_diffusers(
         raise ConfigError(
             f"checkpoint {source!r}: image-to-video weights are not supported (text-to-video only): {i2v[:6]}"
         )
-    unknown = sorted(k for k in state_dict if _rename(k, _FORWARD) is None)
+    unknown = sorted(k for k in state_dict if diffusers_key(k) is None)
     if unknown:
         raise ConfigError(
             f"checkpoint {source!r}: unrecognised key(s) {unknown[:12]} ({len(unknown)} in all) "
@@ -186,7 +191,7 @@ def wan_original_to_diffusers(
     config = wan_original_config(state_dict, source, heads)
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        converted[_rename(key, _FORWARD) or key] = tensor
+        converted[diffusers_key(key) or key] = tensor
     check_against(converted, config, source, names="original")
     return config, converted
 

@@ -184,12 +184,14 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
         where += f"; transformer from {config.checkpoint.path}"
     device = torch.device(config.device)
     cast(transformer, device, dtype)
-    # The VAE and text encoder run in float32 unless the whole engine runs in float64 (tests).
-    side_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if device.type == "cpu" else dtype)
+
+    def side(on: torch.device) -> torch.dtype:  # the VAE's and text encoder's: float32 on a CPU, float64 in tests
+        return torch.float64 if dtype == torch.float64 else (torch.float32 if on.type == "cpu" else dtype)
+
+    side_dtype = side(device)
     cast(vae, device, side_dtype)
     text_device = torch.device(config.text_device)  # "cpu" with offload: text; its embeddings go to ``device``
-    text_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if text_device.type == "cpu" else dtype)
-    cast(text_encoder, text_device, text_dtype)
+    cast(text_encoder, text_device, side(text_device))
     return Models(
         preset=preset,
         dit=CausalWan(
