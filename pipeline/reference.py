@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import SystemConfig
 from pipeline.models.causal_wan import AttnBatch, CausalWan, apply_rope
-from pipeline.sampling import add_noise, chunk_noise, to_x0
+from pipeline.sampling import FlowSampler, chunk_noise, to_x0
 from pipeline.types import UserParams
 from pipeline.window import context_frames, sink_shift
 
@@ -78,8 +78,11 @@ def reference_session(
     chunks: int,
     epoch: int = 0,
     first_chunk_index: int = 0,
+    sampler: FlowSampler | None = None,
 ) -> list[torch.Tensor]:
-    """x0 latents [C, F, h, w] of the first ``chunks`` chunks of a t2v session under config.context."""
+    """x0 latents [C, F, h, w] of the first ``chunks`` chunks of a t2v session under config.context, with
+    ``sampler``'s update rule between steps (the model's: fresh noise, or the ODE step)."""
+    sampler = sampler or FlowSampler()
     sigmas = config.sigmas()
     steps = len(sigmas)
     cf = config.chunk_frames
@@ -106,9 +109,11 @@ def reference_session(
         for i in range(steps):
             velocity, written = forward_one(model, config, x, sigmas[i], text, f0, context_at(i))
             versions[(j, i)] = split_frames(written, cf)
-            x0 = to_x0(x[None], torch.tensor([sigmas[i]], device=device), velocity[None])[0]
+            sigma = torch.tensor([sigmas[i]], device=device)
+            x0 = to_x0(x[None], sigma, velocity[None])[0]
             if i + 1 < steps:
-                x = add_noise(x0, sigmas[i + 1], chunk_noise(params.seed, epoch, ci, i + 1, shape, dtype, device))
+                fresh = chunk_noise(params.seed, epoch, ci, i + 1, shape, dtype, device)
+                x = sampler.next_input(x[None], sigma, velocity[None], sigmas[i + 1], fresh[None])[0]
         outputs.append(x0)
         _, written = forward_one(model, config, x0, 0.0, text, f0, context_at(steps))
         versions[(j, steps)] = split_frames(written, cf)

@@ -110,6 +110,27 @@ class FlowSampler:
     def noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
         return add_noise(x0, sigma, noise)
 
+    def next_input(
+        self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor, sigma_next: float, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The next step's input from this step's input ``x`` at ``sigma`` ([B]) and the model's velocity:
+        x0, noised again with fresh ``noise`` to ``sigma_next``."""
+        return self.noised(self.x0(x, sigma, velocity), sigma_next, noise)
+
+
+class EulerSampler(FlowSampler):
+    """The flow's own ODE step (DDIM with η = 0): ``x_σ' = x_σ + (σ'−σ)·v = (1−σ')·x0 + σ'·ε̂`` with
+    ε̂ = x0 + v the noise the model reads in its input, kept instead of drawn afresh. What a model trained
+    only by flow matching (the ``demo``) needs to sample in few steps: with fresh noise at every step its
+    first chunk, which has no context, would stay the mean of every picture the prompt allows (a blur);
+    the kept noise is what decides where its objects are. The chunk's first noise still comes from the
+    seed, so the same seed gives the same frames."""
+
+    def next_input(
+        self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor, sigma_next: float, noise: torch.Tensor
+    ) -> torch.Tensor:
+        return x + (sigma_next - sigma.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)) * velocity
+
 
 class IdentitySampler(FlowSampler):
     """The passthrough model's: latents are never noised (its denoiser is the identity, velocity 0), so

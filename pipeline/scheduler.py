@@ -228,9 +228,9 @@ def fold(
     from ``noise`` (the engine's, keyed by seed, epoch, chunk and step). The σ=0 write's result is not used."""
     if slot.is_write:
         return
-    x0 = sampler.x0(x[None], sigma, velocity[None])[0]
     if slot.last_step:
-        chunk.x = x0
+        chunk.x = sampler.x0(x[None], sigma, velocity[None])[0]
         return
     step = slot.step + 1
-    chunk.x = sampler.noised(x0, chunk.sigmas[step], noise(chunk.envelope, step, tuple(x.shape)))
+    fresh = noise(chunk.envelope, step, tuple(x.shape))
+    chunk.x = sampler.next_input(x[None], sigma, velocity[None], chunk.sigmas[step], fresh[None])[0]
