@@ -30,6 +30,12 @@ VAE_TEMPORAL_FACTOR = 4
 VAE_SPATIAL_FACTOR = 8
 
 
+SAMPLERS = ("flow", "euler")
+
+# The latent codecs a preset may name in ``vae._class_name``: Wan's VAE, or the demo's frame autoencoder.
+VAE_CLASSES = ("AutoencoderKLWan", "FrameAutoencoder")
+
+
 class ConfigError(ValueError):
     """A configuration value is not allowed; the message names field, value and what is allowed."""
 
@@ -48,13 +54,16 @@ class ModelPreset:
     source: str | None  # default local folder or hub id of the weights; None for "random"
     seed: int  # seed of the random weights ("random" only)
     transformer: dict[str, Any]  # diffusers WanTransformer3DModel config
-    vae: dict[str, Any]  # diffusers AutoencoderKLWan config
+    vae: dict[str, Any]  # diffusers AutoencoderKLWan config, or with _class_name: FrameAutoencoder (demo) its own
     text_encoder: dict[str, Any]  # transformers UMT5Config
-    tokenizer: str  # "bytes" (no download; tiny) or "pretrained"
+    tokenizer: str  # "bytes" (no download; tiny), "words" (the demo grammar's; pipeline.models.text) or "pretrained"
     text_len: int  # tokens of text conditioning (Wan: 512)
     timesteps: tuple[float, ...]  # the denoising timesteps it was distilled for, in [0, 1000]
     shift: float  # flow-matching shift applied to timesteps/1000
     fps: int  # video frames per second the model was trained at
+    # the update rule between steps (pipeline/sampling.py): "flow" x0 noised again with fresh noise (distilled
+    # few-step models: Self-Forcing, CausVid, StreamDiffusionV2), "euler" the flow's ODE step (the demo)
+    sampler: str = "flow"
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -269,25 +278,33 @@ def load_model_preset(name: str) -> ModelPreset:
     if kind != "wan":
         raise _fail(where, "kind", kind, "'wan' or 'passthrough'")
     allowed = {"name", "kind", "weights", "source", "seed", "transformer", "vae", "text_encoder", "tokenizer"}
-    allowed |= {"text_len", "timesteps", "shift", "fps"}
-    _check_keys(where, data, allowed, allowed - {"source", "seed", "kind"})
+    allowed |= {"text_len", "timesteps", "shift", "fps", "sampler"}
+    _check_keys(where, data, allowed, allowed - {"source", "seed", "kind", "sampler"})
     if data["name"] != name:
         raise _fail(where, "name", data["name"], f"the file's own name {name!r}")
     if data["weights"] not in ("random", "pretrained"):
         raise _fail(where, "weights", data["weights"], "'random' or 'pretrained'")
-    if data["tokenizer"] not in ("bytes", "pretrained"):
-        raise _fail(where, "tokenizer", data["tokenizer"], "'bytes' or 'pretrained'")
+    if data["tokenizer"] not in ("bytes", "words", "pretrained"):
+        raise _fail(where, "tokenizer", data["tokenizer"], "'bytes', 'words' or 'pretrained'")
+    vae_class = data["vae"].get("_class_name", "AutoencoderKLWan")
+    if vae_class not in VAE_CLASSES:
+        raise _fail(where, "vae._class_name", vae_class, f"one of {VAE_CLASSES}")
+    source = data.get("source")
+    if source is not None and (REPO_ROOT / source).is_dir():  # weights shipped in the repository (demo)
+        source = str(REPO_ROOT / source)
     t = data["transformer"]
     head_dim = t.get("attention_head_dim")
     if not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
         raise _fail(where, "transformer.attention_head_dim", head_dim, "an even integer >= 6 (RoPE splits it t/h/w)")
     if float(data["shift"]) <= 0:
         raise _fail(where, "shift", data["shift"], "a positive number")
+    if data.get("sampler", "flow") not in SAMPLERS:
+        raise _fail(where, "sampler", data.get("sampler"), f"one of {SAMPLERS}")
     return ModelPreset(
         name=name,
         kind="wan",
         weights=data["weights"],
-        source=data.get("source"),
+        source=source,
         seed=int(data.get("seed", 0)),
         transformer=dict(t),
         vae=dict(data["vae"]),
@@ -297,6 +314,7 @@ def load_model_preset(name: str) -> ModelPreset:
         timesteps=_timesteps(where, data["timesteps"]),
         shift=float(data["shift"]),
         fps=int(data["fps"]),
+        sampler=data.get("sampler", "flow"),
     )
 
 

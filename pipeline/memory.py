@@ -136,14 +136,13 @@ def _vae_profile(
     vae_items: tuple[tuple[str, Any], ...], latent: tuple[int, int], cf: int, ff: int, decoder: str
 ) -> VaeProfile:
     import torch
-    from diffusers import AutoencoderKLWan
 
-    from pipeline.models.vae import StreamingVae
+    from pipeline.models.loader import make_vae, streaming_codec
 
     vae_cfg: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae_items}
     with torch.device("meta"):
-        vae = AutoencoderKLWan(**vae_cfg)
-        streaming: Any = StreamingVae(vae)
+        vae = make_vae(vae_cfg)
+        streaming: Any = streaming_codec(vae)
         params = sum(p.numel() for p in vae.parameters())
         if decoder == "taehv":
             from pipeline.models.taehv import StreamingTaehv, Taehv
@@ -396,7 +395,7 @@ ROWS = {
     "DiT weights": "parameters from the transformer config x dtype",
     "KV windows": "K,V x blocks x (sink+window+(T+1)chunk) frames x tokens x H x D, per session",
     "DiT activations": "estimate: the largest tick in one block",
-    "VAE weights": "Wan VAE, encoder and decoder (and TAEHV with decoder: taehv)",
+    "VAE weights": "Wan VAE (or the demo's frame autoencoder), encoder and decoder (and TAEHV with decoder: taehv)",
     "VAE decoder caches": "causal cache per session (measured on the meta device)",
     "VAE encoder caches (v2v)": "v2v sessions only",
     "decode activations": "estimate: batched decode of every session",

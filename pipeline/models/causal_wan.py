@@ -290,11 +290,14 @@ class CausalWan(torch.nn.Module):
         return hidden
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """hidden [B, L, E] -> velocity [B, C, F, h, w]."""
+        """hidden [B, L, E] -> velocity [B, C, F, h, w]; temb [B, E], or per token [B, L, E] (forward_frames)."""
         t = self.transformer
         b, _, f, h, w = shape
         pt, ph, pw = self.patch_size
-        shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        if temb.ndim == 3:
+            shift, scale = (t.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
+        else:
+            shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden = (t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         out = t.proj_out(hidden)  # [B, L, C·pt·ph·pw]
         out = out.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
@@ -309,6 +312,41 @@ class CausalWan(torch.nn.Module):
         time: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden, temb, tproj, enc = self.embed(x, sigma.to(torch.float32) * 1000.0 if time is None else time, text)
+        hidden = self.run_blocks(hidden, enc, tproj, batch, range(self.num_blocks))
+        return self.head(hidden, temb, tuple(x.shape))
+
+    def forward_frames(
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        text: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity of every frame of x [B, C, F, h, w], each frame at its own time input, time [B, F] (1000·σ),
+        in one forward: frame q attends to frame k where ``visible`` [F, F] (bool) says so (default: k <= q),
+        at RoPE frame positions ``positions`` [F] (default 0..F-1).
+
+        What training uses (pipeline/train/demo.py): a frame's keys and values are those a chunk-by-chunk
+        stream would have written for it at that noise level and with that context, so one forward trains
+        every frame of a sequence against the context a visibility rule shows it (DESIGN §4). Teacher forcing
+        for ``clean``: the clean frames, then the same frames noised, each noisy frame seeing the clean ones
+        before it and itself (two frames may share a position)."""
+        t = self.transformer
+        b, _, f, h, w = x.shape
+        grid = self.grid((h, w))
+        tokens = grid[0] * grid[1]
+        hidden = t.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, E]
+        temb, tproj, _, _ = t.condition_embedder(time.flatten().float(), text[:1, :1].to(self.dtype))
+        enc = t.condition_embedder.text_embedder(text.to(self.dtype))
+        temb = temb.unflatten(0, (b, f)).repeat_interleave(tokens, dim=1)  # [B, L, E]
+        tproj = tproj.unflatten(0, (b, f)).unflatten(2, (6, -1)).repeat_interleave(tokens, dim=1)  # [B, L, 6, E]
+        if visible is None:
+            visible = torch.ones(f, f, dtype=torch.bool).tril()
+        mask = visible.to(x.device).repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+        if positions is None:
+            positions = torch.arange(f)
+        batch = AttnBatch(kv=None, q_rope=self.rope(positions.view(1, f).expand(b, f), grid), mask=mask[None, None])
         hidden = self.run_blocks(hidden, enc, tproj, batch, range(self.num_blocks))
         return self.head(hidden, temb, tuple(x.shape))
 

@@ -20,12 +20,13 @@ from transformers import UMT5Config, UMT5EncoderModel
 from pipeline.config import ConfigError, ModelPreset, SystemConfig, known_presets, load_model_preset
 from pipeline.models.causal_wan import CausalWan
 from pipeline.models.checkpoints import load_checkpoint
+from pipeline.models.frame_ae import FrameAutoencoder, StreamingFrameAe
 from pipeline.models.passthrough import ConstantText, PassthroughDit, PixelPackVae
 from pipeline.models.taehv import WEIGHTS_HINT, StreamingTaehv, taehv_decoder
-from pipeline.models.text import BYTE_TOKENIZER_FILE, ByteTokenizer, TextEncoder
+from pipeline.models.text import BYTE_TOKENIZER_FILE, WORD_TOKENIZER_FILE, ByteTokenizer, TextEncoder, WordTokenizer
 from pipeline.models.vae import StreamingVae
 from pipeline.models.wan_original import is_original_layout, load_original_folder
-from pipeline.sampling import FlowSampler, IdentitySampler
+from pipeline.sampling import EulerSampler, FlowSampler, IdentitySampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -34,7 +35,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Models:
     preset: ModelPreset
     dit: CausalWan | PassthroughDit
-    vae: StreamingVae | StreamingTaehv | PixelPackVae  # encode (v2v) and decode; StreamingTaehv: TAEHV decodes
+    vae: (
+        StreamingVae | StreamingFrameAe | StreamingTaehv | PixelPackVae
+    )  # encode (v2v) and decode; StreamingTaehv: TAEHV decodes
     text: TextEncoder | ConstantText
     source: str  # where the weights came from: "random(seed=N)", a folder, "passthrough"
     sampler: FlowSampler = field(default_factory=FlowSampler)  # the update rule between steps
@@ -52,9 +55,30 @@ def cast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> No
         t.data = t.data.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
 
 
+def make_vae(config: dict[str, Any]) -> AutoencoderKLWan | FrameAutoencoder:
+    """The preset's latent codec from its ``vae`` config (``_class_name``: Wan's VAE unless it names the demo's)."""
+    fields = {k: v for k, v in config.items() if k != "_class_name"}
+    if config.get("_class_name") == "FrameAutoencoder":
+        return FrameAutoencoder(**fields)
+    return AutoencoderKLWan(**fields)
+
+
+def streaming_codec(vae: AutoencoderKLWan | FrameAutoencoder) -> StreamingVae | StreamingFrameAe:
+    return StreamingFrameAe(vae) if isinstance(vae, FrameAutoencoder) else StreamingVae(vae)
+
+
+def random_tokenizer(preset: ModelPreset) -> ByteTokenizer | WordTokenizer:
+    """The tokenizer of a preset's random weights: bytes, or the demo grammar's words."""
+    if preset.tokenizer == "words":
+        from pipeline.train.shapes import vocabulary
+
+        return WordTokenizer(vocabulary())
+    return ByteTokenizer()
+
+
 def random_components(
     preset: ModelPreset, device: torch.device | str = "cpu", text_device: torch.device | str | None = None
-) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
+) -> tuple[WanTransformer3DModel, AutoencoderKLWan | FrameAutoencoder, UMT5EncoderModel]:
     """The preset's architecture with weights drawn from its seed (same seed, same weights on a
     given device). Made directly on ``device``: a 1.3B model's random weights for a GPU benchmark
     need no trip through host memory."""
@@ -62,7 +86,7 @@ def random_components(
     with torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(preset.seed)
         transformer = WanTransformer3DModel(**preset.transformer)
-        vae = AutoencoderKLWan(**preset.vae)
+        vae = make_vae(preset.vae)
         with torch.device(text_device or device):  # offload: made where it runs
             text = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
     return transformer, vae, text
@@ -83,6 +107,17 @@ def save_pretrained(folder: str | Path, transformer: Any, vae: Any, text_encoder
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
+
+
+def load_vae(folder: Path) -> AutoencoderKLWan | FrameAutoencoder:
+    """A folder's latent codec, by the class its config.json names."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model path {str(folder.parent)!r}: vae/config.json cannot be read ({e})") from None
+    if name == "FrameAutoencoder":
+        return FrameAutoencoder.from_pretrained(folder)
+    return AutoencoderKLWan.from_pretrained(folder)
 
 
 def identify(folder: Path) -> str:
@@ -154,7 +189,7 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
         if preset.weights != "random" and not random_weights:
             raise ConfigError(f"model preset {preset.name!r} has pretrained weights: give --model PATH_OR_ID")
         transformer, vae, text_encoder = random_components(preset, config.device, config.text_device)
-        tokenizer = ByteTokenizer()
+        tokenizer = random_tokenizer(preset)
         where = f"random(seed={preset.seed})"
     elif is_original_layout(folder := resolve_source(source)):
         # Wan2.1's own layout (Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/, the DiT in
@@ -168,15 +203,22 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
             raise ConfigError(f"model path {source!r} holds {found!r}, but the config asks for {preset.name!r}")
         if config.checkpoint is None:  # else the transformer's weights come from the checkpoint, below
             transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
-        vae = AutoencoderKLWan.from_pretrained(folder / "vae")
+        vae = load_vae(folder / "vae")
         text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")
         if (folder / "tokenizer" / BYTE_TOKENIZER_FILE).exists():
             tokenizer = ByteTokenizer()
+        elif (folder / "tokenizer" / WORD_TOKENIZER_FILE).exists():
+            tokenizer = WordTokenizer.from_pretrained(folder / "tokenizer")
         else:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         where = str(folder)
+    if isinstance(vae, FrameAutoencoder) and config.decoder != "wan":
+        raise ConfigError(
+            f"decoder={config.decoder!r} is not allowed with model {preset.name!r}: its latents are its own frame "
+            "autoencoder's, which decodes them (decoder: wan, the default)"
+        )
     if config.checkpoint is not None:
         # A causal checkpoint in its authors' format (Self-Forcing, CausVid, StreamDiffusionV2, LongLive,
         # safetensors) replaces the transformer; its architecture must be the preset's.
@@ -201,9 +243,10 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
             rope_cache=config.rope_cache,
             text_cache_prompts=2 * config.max_sessions + 2,  # each session's prompt, and the one it changes to
         ),
-        vae=StreamingVae(vae)
+        vae=streaming_codec(vae)
         if config.decoder == "wan"
         else taehv_decoder(StreamingVae(vae), config.decoder_path, preset.seed, device, side_dtype, vae_scale(preset)),
         text=TextEncoder(text_encoder, tokenizer, preset.text_len, device=device),
         source=where,
+        sampler=EulerSampler() if preset.sampler == "euler" else FlowSampler(),
     )
