@@ -1,0 +1,1 @@
+"""Training the embedded ``demo`` model (``python -m pipeline.train.demo``) on procedurally generated video."""
