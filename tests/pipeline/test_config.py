@@ -28,7 +28,8 @@ def write_config(tmp_path, **fields):
 def test_unknown_preset_names_it_and_the_known_ones(tmp_path):
     with pytest.raises(
         ConfigError,
-        match=r"'tiny2' is unknown; known presets: \['passthrough', 'sdv2-tiny', 'tiny', 'tiny-deep', 'wan2.1-1.3b'\]",
+        match=r"'tiny2' is unknown; known presets: \['demo', 'passthrough', 'sdv2-tiny', 'tiny', 'tiny-deep', "
+        r"'wan2.1-1.3b'\]",
     ):
         load_system_config(write_config(tmp_path, model="tiny2"))
     with pytest.raises(ConfigError, match="unknown"):
