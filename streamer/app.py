@@ -27,6 +27,7 @@ from aiortc import RTCPeerConnection
 from pipeline.config import REPO_ROOT, SystemConfig
 from pipeline.engine import Engine, SessionLimitError
 from pipeline.models.loader import Models, load_models
+from pipeline.models.text import WordTokenizer
 from pipeline.stages.launch import make_executor
 from streamer.bridge import EngineBridge
 from streamer.datachannel import bound_messages
@@ -72,6 +73,7 @@ class ServerState:
     sessions: dict[str, Session] = field(default_factory=dict)  # open ones, until their engine session is closed
     reserved: set[object] = field(default_factory=set)  # slots of offers being answered, until listed in sessions
     closing: set[int] = field(default_factory=set)  # id() of sessions being closed
+    words: list[str] | None = None  # a closed-vocabulary model's words (demo), shown by the page
 
     @property
     def max_sessions(self) -> int:
@@ -195,13 +197,15 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ok = state.bridge is not None and state.bridge.alive
     free = state.free_slots
-    body = {
+    body: dict[str, Any] = {
         "status": ("ok" if free else "degraded") if ok else "error",  # degraded: no slot for a new session
         "model": state.config.model.name,
         "sessions": len(state.sessions),
         "max_sessions": state.max_sessions,
         "free_slots": free,
     }
+    if state.words is not None:
+        body["words"] = state.words  # the only words the model knows (the demo's caption grammar)
     if state.bridge is not None and state.bridge.failure is not None:
         body["error"] = state.bridge.failure  # e.g. which stage died
     return web.json_response(body, status=200 if ok else 503)
@@ -260,6 +264,8 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
     """Start the engine thread with the app; on shutdown close every session, then stop it."""
     state, options = app[STATE], app[STATE].options
     models = state.models if state.models is not None else load_models(state.config)
+    tokenizer = getattr(models.text, "tokenizer", None)
+    state.words = list(tokenizer.words) if isinstance(tokenizer, WordTokenizer) else None
     executor = await asyncio.to_thread(
         make_executor, state.config, models, options.stages, options.split, options.stage_timeout, log.info
     )

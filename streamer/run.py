@@ -31,6 +31,7 @@ from pipeline.config import ConfigError, SystemConfig, load_system_config
 from pipeline.engine import Engine
 from pipeline.feeder import Feeder
 from pipeline.models.loader import load_models
+from pipeline.models.text import WordTokenizer
 from pipeline.stages.launch import make_executor
 from pipeline.stages.transport import StageFailure
 from pipeline.types import UserParams
@@ -404,6 +405,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"@ {config.fps} fps, {config.steps} steps, context={config.context}, {total} frames -> {names}",
         file=sys.stderr,
     )
+    tokenizer = getattr(models.text, "tokenizer", None)
+    if isinstance(tokenizer, WordTokenizer) and (unknown := tokenizer.unknown(params.prompt)):
+        print(
+            f"streamer: warning: the {config.model.name} model does not know the word(s) {unknown} of the prompt; "
+            f"it knows: {', '.join(tokenizer.words)}",
+            file=sys.stderr,
+        )
     try:
         outputs = open_sinks(targets, config, args)
     except OutputError as e:

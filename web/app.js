@@ -317,6 +317,14 @@
     sendControl({ type: 'params', strength: strengthValue() });
   });
 
+  // A model with a closed vocabulary (the demo) says which words it knows: show them under the prompt.
+  fetch('/api/health').then((res) => res.json()).then((health) => {
+    if (!Array.isArray(health.words)) return;
+    const words = document.getElementById('words');
+    words.textContent = `The ${health.model} model knows these words: ${health.words.join(', ')}`;
+    words.hidden = false;
+  }).catch(() => {}).finally(() => { document.body.dataset.health = 'read'; });
+
   window.addEventListener('beforeunload', teardown);
   setState('idle', 'Idle');
 })();

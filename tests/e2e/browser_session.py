@@ -36,7 +36,7 @@ async def decoded_frames(page: Any) -> int:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     bring_loopback_up()
     use_ice_addresses(["127.0.0.1"])
-    config = replace(load_system_config(CONFIG_DIR / "tiny.yaml"), height=args.size, width=args.size)
+    config = replace(load_system_config(CONFIG_DIR / args.config), height=args.size, width=args.size)
     runner = web.AppRunner(create_app(config, ServerOptions()))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -51,13 +51,18 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             page.on("pageerror", lambda e: errors.append(str(e)))
             await page.goto(f"http://127.0.0.1:{port}/")
             await page.select_option("#mode", args.mode)
-            await page.fill("#prompt", "a lighthouse on a cliff at dusk")
+            # the page asks /api/health for the words the model knows
+            await page.wait_for_function("document.body.dataset.health === 'read'", timeout=10_000)
+            report["words"] = await page.evaluate(
+                "document.getElementById('words').hidden ? null : document.getElementById('words').textContent"
+            )
+            await page.fill("#prompt", args.prompt)
             await page.click("#start")
             await page.wait_for_function("document.body.dataset.state === 'connected'", timeout=30_000)
             await page.wait_for_function("document.getElementById('video').currentTime > 1.5", timeout=60_000)
             report["frames_decoded"] = await decoded_frames(page)
             report["current_time"] = await page.evaluate("document.getElementById('video').currentTime")
-            await page.fill("#prompt", "a storm at sea")
+            await page.fill("#prompt", args.prompt2)
             await page.press("#prompt", "Enter")
             ack_has_prompt = "document.getElementById('ack').textContent.includes('prompt')"
             await page.wait_for_function(ack_has_prompt, timeout=10_000)
@@ -82,5 +87,8 @@ if __name__ == "__main__":
     parser.add_argument("--mode", choices=["t2v", "v2v"], default="t2v")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--config", default="tiny.yaml", help="a system config in configs/")
+    parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    parser.add_argument("--prompt2", default="a storm at sea", help="sent live before the cut")
     parser.add_argument("--screenshot", default=None)
     print(json.dumps(asyncio.run(main(parser.parse_args()))))
