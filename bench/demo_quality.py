@@ -270,14 +270,19 @@ def other_prompt(text: str) -> str:
 
 
 def measure(
-    config_path: str | Path, streams: int, chunks: int, seed: int = 0, changes: int | None = None
+    config_path: str | Path,
+    streams: int,
+    chunks: int,
+    seed: int = 0,
+    changes: int | None = None,
+    model: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, list[np.ndarray]]]]:
-    """The whole report, and some streams' frames (for a grid)."""
+    """The whole report, and some streams' frames (for a grid). ``model``: another weights folder (a run's)."""
     from pipeline.config import load_system_config
     from pipeline.engine import Engine
     from pipeline.models.loader import load_models
 
-    config = load_system_config(config_path)
+    config = load_system_config(config_path, model_source=model)
     engine = Engine(config, load_models(config))
     prompts = prompt_set(streams, seed)
     tally = Tally()
@@ -373,11 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=24, help="fixed prompts, one stream each")
     p.add_argument("--chunks", type=int, default=16, help="chunks per stream (4 frames each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="weights to measure instead of the preset's (e.g. runs/demo/model)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--grid", type=Path, default=None, help="a sample grid: six streams, every 4th frame")
     a = p.parse_args(argv)
-    report, shown = measure(a.config, a.streams, a.chunks, a.seed)
+    report, shown = measure(a.config, a.streams, a.chunks, a.seed, model=a.model)
     if a.json:
         a.json.write_text(json.dumps(report, indent=1) + "\n")
     if a.plot:

@@ -69,6 +69,9 @@ class Options:
     steps: int | None = None  # DiT steps; None: until the minutes are spent
     batch: int = 8
     context: str = "clean"  # the visibility rule trained for: "clean" (teacher forcing) or "stream" (a staircase)
+    first_weight: float = 1.0  # the loss weight of an epoch's first chunk (no context: the hardest to draw)
+    objects: float = 1.0  # clean: the loss weight of latent pixels unlike their frame's background (objects)
+    any_sigma: bool = False  # clean: noise levels drawn from all of (0, 1] (any step count samples), not the preset's
     lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.995
@@ -139,7 +142,9 @@ def train_ae(ae: FrameAutoencoder, opts: Options, state: dict[str, Any], bar: tq
     state["ae_opt"] = opt.state_dict()
     ae.eval()
     with torch.no_grad():  # the latents' statistics, for the DiT's unit-scale inputs (as Wan's VAE config holds)
-        z = torch.cat([ae.encode_raw(ae_batch(_generator(opts.seed, 2, i), opts.ae_batch).to(opts.device)) for i in range(8)])
+        z = torch.cat(
+            [ae.encode_raw(ae_batch(_generator(opts.seed, 2, i), opts.ae_batch).to(opts.device)) for i in range(8)]
+        )
         mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
     ae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     ae.mean.copy_(mean.view(ae.mean.shape))
@@ -154,7 +159,7 @@ def sequence_video(rng: np.random.Generator) -> tuple[torch.Tensor, str, int]:
     caption of its newest frames, and the first latent frame a loss may be taken on (its context is one the
     engine shows: an epoch's start from 0; a rolled window from 2, where the window's own frames are there; a
     scene change from the change on, where the caption is the new scene's)."""
-    scene = random_scene(rng)
+    scene = random_scene(rng, layout="canonical")
     first_loss = 0
     if rng.random() < START_SHARE:
         video = render([scene], 1 + 4 * (SEQ - 1), SIZE, SIZE)
@@ -163,9 +168,9 @@ def sequence_video(rng: np.random.Generator) -> tuple[torch.Tensor, str, int]:
         video = torch.cat([render([scene], 1, SIZE, SIZE), render([scene], 4 * (SEQ - 1), SIZE, SIZE, start)], 2)
         first_loss = 2
     if rng.random() < SWITCH_SHARE:  # a new scene from latent frame `at` on, with its caption
-        other: Scene = random_scene(rng)
+        other: Scene = random_scene(rng, layout="canonical")
         at = int(rng.integers(2, SEQ))
-        later = render([other], 4 * (SEQ - at), SIZE, SIZE, start=int(rng.integers(0, 200)))
+        later = render([other], 4 * (SEQ - at), SIZE, SIZE)  # from its first frame: a cut to the new scene
         video = torch.cat([video[:, :, : 1 + 4 * (at - 1)], later], dim=2)
         scene, first_loss = other, at
     return video, caption(scene), first_loss
@@ -224,6 +229,7 @@ class DitBatch:
     mask: torch.Tensor
     positions: torch.Tensor | None = None  # [F] RoPE frame positions (None: 0..F-1)
     visible: torch.Tensor | None = None  # [F, F] (None: frame-causal)
+    pixels: torch.Tensor | None = None  # [B, 1, F, h, w] weight of each latent pixel (None: all alike)
 
 
 def dit_batch(
@@ -234,6 +240,9 @@ def dit_batch(
     rng: np.random.Generator,
     batch: int,
     context: str = "clean",
+    first_weight: float = 1.0,
+    shift: float | None = None,
+    objects: float = 1.0,
 ) -> DitBatch:
     """A batch for the ``context`` rule. ``clean``: every frame from the item's first loss frame on is noised to
     one of the preset's σ and sees the clean frames before it (teacher forcing). ``stream``: a staircase of levels
@@ -250,9 +259,15 @@ def dit_batch(
     encoded = [tok.encode(pool["captions"][int(i)], text_len) for i in pick]
     ids = torch.tensor([e[0] for e in encoded])
     mask = torch.tensor([e[1] for e in encoded])
-    later = torch.arange(SEQ).view(1, SEQ) >= first.view(batch, 1)  # [B, SEQ]
+    later = (torch.arange(SEQ).view(1, SEQ) >= first.view(batch, 1)).float()  # [B, SEQ]
+    later[:, 0] *= torch.where(first == 0, first_weight, 1.0)  # an epoch's first chunk: no context, the hardest
     if context == "clean":
-        sigma = table[torch.from_numpy(rng.integers(0, steps, size=(batch, SEQ)))]  # [B, SEQ]
+        if shift is None:  # the preset's σ only
+            sigma = table[torch.from_numpy(rng.integers(0, steps, size=(batch, SEQ)))]  # [B, SEQ]
+        else:  # any σ: t uniform in (0, 1], shifted as the sampler's timesteps are; a tenth pure noise (σ = 1)
+            t = torch.from_numpy(1.0 - rng.random((batch, SEQ))).float()
+            t = torch.where(torch.from_numpy(rng.random((batch, SEQ)) < 0.1), 1.0, t)
+            sigma = shift * t / (1 + (shift - 1) * t)
         s = sigma.view(batch, 1, SEQ, 1, 1)
         noisy = (1 - s) * x0 + s * eps
         positions, visible = teacher_forcing(SEQ)
@@ -261,11 +276,12 @@ def dit_batch(
             torch.cat([ctx, noisy], dim=2),
             torch.cat([zero, sigma * 1000.0], dim=1),
             torch.cat([torch.zeros_like(x0), eps - x0], dim=2),
-            torch.cat([zero, later.float()], dim=1),
+            torch.cat([zero, later], dim=1),
             ids,
             mask,
             positions,
             visible,
+            object_weight(torch.cat([x0, x0], dim=2), objects) if objects != 1.0 else None,
         )
     levels = []
     for i in range(batch):
@@ -274,7 +290,15 @@ def dit_batch(
     sigma = table[torch.tensor(levels)]  # [B, SEQ]
     s = sigma.view(batch, 1, SEQ, 1, 1)
     x = torch.where(s > 0, (1 - s) * x0 + s * eps, ctx)
-    return DitBatch(x, sigma * 1000.0, eps - x0, ((sigma > 0) & later).float(), ids, mask)
+    return DitBatch(x, sigma * 1000.0, eps - x0, (sigma > 0).float() * later, ids, mask)
+
+
+def object_weight(x0: torch.Tensor, weight: float) -> torch.Tensor:
+    """[B, C, F, h, w] latents -> [B, 1, F, h, w]: 1 on the background, ``weight`` where a latent pixel is unlike its
+    frame's background (the per-channel median): objects are a few latent pixels of each frame, and what matters."""
+    background = x0.flatten(3).median(dim=3).values[..., None, None]
+    unlike = (x0 - background).abs().mean(dim=1, keepdim=True) > 1.0  # ~6 % of latent pixels: the objects
+    return 1 + (weight - 1) * unlike.float()
 
 
 def loss_of(dit: CausalWan, text: UMT5EncoderModel, b: DitBatch) -> torch.Tensor:
@@ -282,7 +306,12 @@ def loss_of(dit: CausalWan, text: UMT5EncoderModel, b: DitBatch) -> torch.Tensor
     v = dit.forward_frames(
         b.x.to(d), b.time.to(d), text_states(text, b.ids.to(d), b.mask.to(d)), b.positions, b.visible
     )
-    per_frame = (v - b.target.to(d)).square().mean(dim=(1, 3, 4))  # [B, SEQ]
+    err = (v - b.target.to(d)).square().mean(dim=1, keepdim=True)  # [B, 1, F, h, w]
+    if b.pixels is not None:
+        pixels = b.pixels.to(d)
+        per_frame = (err * pixels).sum(dim=(1, 3, 4)) / pixels.sum(dim=(1, 3, 4))  # [B, F]
+    else:
+        per_frame = err.mean(dim=(1, 3, 4))
     weight = b.weight.to(d)
     return (per_frame * weight).sum() / weight.sum()
 
@@ -472,7 +501,20 @@ def run(opts: Options) -> dict[str, Any]:
             step = len(losses)
             if (total is not None and step >= total) or (total is None and time.monotonic() - started >= budget):
                 break
-            b = dit_batch(pool, tok, preset.text_len, sigmas, _generator(opts.seed, 4, step), opts.batch, opts.context)
+            rng = _generator(opts.seed, 4, step)
+            shift = preset.shift if opts.any_sigma else None
+            b = dit_batch(
+                pool,
+                tok,
+                preset.text_len,
+                sigmas,
+                rng,
+                opts.batch,
+                opts.context,
+                opts.first_weight,
+                shift,
+                opts.objects,
+            )
             torch.manual_seed(opts.seed * 1_000_003 + step)
             for g in opt.param_groups:
                 g["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup)
@@ -515,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=Options.pool, help="latent sequences rendered once for the DiT")
     p.add_argument("--batch", type=int, default=Options.batch)
     p.add_argument("--context", choices=("clean", "stream"), default=Options.context, help="the rule trained for")
+    p.add_argument("--first-weight", type=float, default=Options.first_weight, help="loss weight of a first chunk")
+    p.add_argument("--any-sigma", action="store_true", help="clean: train every noise level, not the preset's")
+    p.add_argument("--objects", type=float, default=Options.objects, help="clean: loss weight of object pixels")
     p.add_argument("--lr", type=float, default=Options.lr)
     p.add_argument("--sample-every", type=float, default=5.0, help="minutes between sample grids")
     p.add_argument("--export", type=Path, default=None, help="also write the shipped folder here (models/demo)")
@@ -530,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         pool=a.pool,
         batch=a.batch,
         context=a.context,
+        first_weight=a.first_weight,
+        any_sigma=a.any_sigma,
+        objects=a.objects,
         lr=a.lr,
         sample_every_s=a.sample_every * 60,
         export=a.export,

@@ -105,8 +105,18 @@ def vocabulary() -> list[str]:
     return sorted({"a", "and", "on", "passing", *COLOURS, *SHAPES, *BACKGROUNDS})
 
 
-def random_scene(rng: np.random.Generator, spec: Spec | None = None, aspect: float = 1.0) -> Scene:
-    """A scene drawn from ``rng``: random words, or those of ``spec``; random sizes, places, velocities.
+# Where a ``canonical`` scene's objects are at its first frame (one object; two), in units of the frame, and
+# their size: what an epoch's first chunk shows is then a function of its caption alone, so a model that
+# predicts the mean picture draws it sharp; where they go from there (their velocities) is random.
+CANONICAL = {1: ((0.5, 0.5),), 2: ((0.3, 0.5), (0.7, 0.5))}
+CANONICAL_SIZE = 0.1
+
+
+def random_scene(
+    rng: np.random.Generator, spec: Spec | None = None, aspect: float = 1.0, layout: str = "random"
+) -> Scene:
+    """A scene drawn from ``rng``: random words, or those of ``spec``; random velocities; random sizes and
+    places (``layout="random"``) or the canonical ones (``"canonical"``, the demo DiT's clips: CANONICAL).
     ``aspect``: width / height of the frame the scene is for."""
     if spec is None:
         n = 2 if rng.random() < TWO_OBJECTS else 1
@@ -116,11 +126,14 @@ def random_scene(rng: np.random.Generator, spec: Spec | None = None, aspect: flo
         spec = Spec(wanted, str(rng.choice(list(BACKGROUNDS))), "pass" if rng.random() < PASSING else "bounce")
     extent = (max(aspect, 1.0), max(1.0 / aspect, 1.0))  # the frame in units of its shorter side
     objects = []
-    for colour, shape in spec.objects:
+    for k, (colour, shape) in enumerate(spec.objects):
         size = float(rng.uniform(*SIZE_RANGE))
         angle = float(rng.uniform(0, 2 * math.pi))
         speed = float(rng.uniform(*SPEED_RANGE))
         x, y = (float(rng.uniform(size * 1.4, e - size * 1.4)) for e in extent)
+        if layout == "canonical":
+            size = CANONICAL_SIZE
+            x, y = (c * e for c, e in zip(CANONICAL[len(spec.objects)][k], extent, strict=True))
         objects.append(Obj(shape, colour, size, x, y, speed * math.cos(angle), speed * math.sin(angle)))
     return Scene(tuple(objects), spec.background, spec.motion)
 

@@ -19,6 +19,8 @@ from pipeline.reference import forward_one, reference_session, split_frames
 from pipeline.sampling import EulerSampler, FlowSampler
 from pipeline.train import demo
 from pipeline.train.shapes import (
+    CANONICAL,
+    CANONICAL_SIZE,
     SHAPES,
     Obj,
     Scene,
@@ -94,6 +96,16 @@ def test_objects_bounce_inside_the_frame_and_passing_ones_leave_and_come_back():
     passing = trajectories([Scene((fast,), "black", "pass")], 200)[0, 0]
     assert passing[:, 0].min() < 0 and passing[:, 0].max() > 1  # wholly out of the frame at times
     assert (passing[1:, 0] - passing[:-1, 0] < 0).any()  # wrapped around: out at the right, in at the left
+
+
+def test_canonical_scenes_start_from_one_layout_and_move_apart():
+    rng = np.random.default_rng(4)
+    scenes = [random_scene(rng, layout="canonical") for _ in range(20)]
+    for scene in scenes:
+        where = CANONICAL[len(scene.objects)]
+        assert [(o.x, o.y) for o in scene.objects] == list(where)
+        assert all(o.size == CANONICAL_SIZE for o in scene.objects)
+    assert len({(round(o.vx, 6), round(o.vy, 6)) for sc in scenes for o in sc.objects}) > 20  # velocities differ
 
 
 def test_a_rendered_shape_sits_where_its_trajectory_says():
