@@ -70,7 +70,6 @@ class Options:
     batch: int = 8
     context: str = "clean"  # the visibility rule trained for: "clean" (teacher forcing) or "stream" (a staircase)
     first_weight: float = 1.0  # the loss weight of an epoch's first chunk (no context: the hardest to draw)
-    objects: float = 1.0  # clean: the loss weight of latent pixels unlike their frame's background (objects)
     any_sigma: bool = False  # clean: noise levels drawn from all of (0, 1] (any step count samples), not the preset's
     lr: float = 1e-3
     warmup: int = 100
@@ -229,7 +228,6 @@ class DitBatch:
     mask: torch.Tensor
     positions: torch.Tensor | None = None  # [F] RoPE frame positions (None: 0..F-1)
     visible: torch.Tensor | None = None  # [F, F] (None: frame-causal)
-    pixels: torch.Tensor | None = None  # [B, 1, F, h, w] weight of each latent pixel (None: all alike)
 
 
 def dit_batch(
@@ -242,7 +240,6 @@ def dit_batch(
     context: str = "clean",
     first_weight: float = 1.0,
     shift: float | None = None,
-    objects: float = 1.0,
 ) -> DitBatch:
     """A batch for the ``context`` rule. ``clean``: every frame from the item's first loss frame on is noised to
     one of the preset's σ and sees the clean frames before it (teacher forcing). ``stream``: a staircase of levels
@@ -281,7 +278,6 @@ def dit_batch(
             mask,
             positions,
             visible,
-            object_weight(torch.cat([x0, x0], dim=2), objects) if objects != 1.0 else None,
         )
     levels = []
     for i in range(batch):
@@ -293,25 +289,12 @@ def dit_batch(
     return DitBatch(x, sigma * 1000.0, eps - x0, (sigma > 0).float() * later, ids, mask)
 
 
-def object_weight(x0: torch.Tensor, weight: float) -> torch.Tensor:
-    """[B, C, F, h, w] latents -> [B, 1, F, h, w]: 1 on the background, ``weight`` where a latent pixel is unlike its
-    frame's background (the per-channel median): objects are a few latent pixels of each frame, and what matters."""
-    background = x0.flatten(3).median(dim=3).values[..., None, None]
-    unlike = (x0 - background).abs().mean(dim=1, keepdim=True) > 1.0  # ~6 % of latent pixels: the objects
-    return 1 + (weight - 1) * unlike.float()
-
-
 def loss_of(dit: CausalWan, text: UMT5EncoderModel, b: DitBatch) -> torch.Tensor:
     d = dit.device
     v = dit.forward_frames(
         b.x.to(d), b.time.to(d), text_states(text, b.ids.to(d), b.mask.to(d)), b.positions, b.visible
     )
-    err = (v - b.target.to(d)).square().mean(dim=1, keepdim=True)  # [B, 1, F, h, w]
-    if b.pixels is not None:
-        pixels = b.pixels.to(d)
-        per_frame = (err * pixels).sum(dim=(1, 3, 4)) / pixels.sum(dim=(1, 3, 4))  # [B, F]
-    else:
-        per_frame = err.mean(dim=(1, 3, 4))
+    per_frame = (v - b.target.to(d)).square().mean(dim=(1, 3, 4))  # [B, F]
     weight = b.weight.to(d)
     return (per_frame * weight).sum() / weight.sum()
 
@@ -503,18 +486,7 @@ def run(opts: Options) -> dict[str, Any]:
                 break
             rng = _generator(opts.seed, 4, step)
             shift = preset.shift if opts.any_sigma else None
-            b = dit_batch(
-                pool,
-                tok,
-                preset.text_len,
-                sigmas,
-                rng,
-                opts.batch,
-                opts.context,
-                opts.first_weight,
-                shift,
-                opts.objects,
-            )
+            b = dit_batch(pool, tok, preset.text_len, sigmas, rng, opts.batch, opts.context, opts.first_weight, shift)
             torch.manual_seed(opts.seed * 1_000_003 + step)
             for g in opt.param_groups:
                 g["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup)
@@ -559,7 +531,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", choices=("clean", "stream"), default=Options.context, help="the rule trained for")
     p.add_argument("--first-weight", type=float, default=Options.first_weight, help="loss weight of a first chunk")
     p.add_argument("--any-sigma", action="store_true", help="clean: train every noise level, not the preset's")
-    p.add_argument("--objects", type=float, default=Options.objects, help="clean: loss weight of object pixels")
     p.add_argument("--lr", type=float, default=Options.lr)
     p.add_argument("--sample-every", type=float, default=5.0, help="minutes between sample grids")
     p.add_argument("--export", type=Path, default=None, help="also write the shipped folder here (models/demo)")
@@ -577,7 +548,6 @@ def main(argv: list[str] | None = None) -> int:
         context=a.context,
         first_weight=a.first_weight,
         any_sigma=a.any_sigma,
-        objects=a.objects,
         lr=a.lr,
         sample_every_s=a.sample_every * 60,
         export=a.export,
