@@ -70,6 +70,7 @@ class Options:
     batch: int = 8
     context: str = "clean"  # the visibility rule trained for: "clean" (teacher forcing) or "stream" (a staircase)
     first_weight: float = 1.0  # the loss weight of an epoch's first chunk (no context: the hardest to draw)
+    first_batch: int = 0  # epoch-start frames alone added to every step's loss (0: none)
     any_sigma: bool = False  # clean: noise levels drawn from all of (0, 1] (any step count samples), not the preset's
     lr: float = 1e-3
     warmup: int = 100
@@ -289,6 +290,24 @@ def dit_batch(
     return DitBatch(x, sigma * 1000.0, eps - x0, (sigma > 0).float() * later, ids, mask)
 
 
+def first_batch(
+    pool: dict[str, Any], tok: WordTokenizer, text_len: int, sigmas: list[float], rng: np.random.Generator, batch: int
+) -> DitBatch:
+    """Epoch-start frames alone (no context), ``batch`` of them: each is one latent frame of 64 tokens, cheap
+    next to a sequence, and the frame a stream's every later chunk continues from."""
+    starts = torch.nonzero(pool["first_loss"] == 0).flatten()
+    pick = starts[torch.from_numpy(rng.integers(0, len(starts), size=batch))]
+    x0 = pool["latents"][pick][:, :, :1].float()  # [B, C, 1, h, w]
+    sigma = torch.tensor(sigmas)[torch.from_numpy(rng.integers(0, len(sigmas), size=(batch, 1)))]  # [B, 1]
+    g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    eps = torch.randn(x0.shape, generator=g)
+    s = sigma.view(batch, 1, 1, 1, 1)
+    encoded = [tok.encode(pool["captions"][int(i)], text_len) for i in pick]
+    ids = torch.tensor([e[0] for e in encoded])
+    mask = torch.tensor([e[1] for e in encoded])
+    return DitBatch((1 - s) * x0 + s * eps, sigma * 1000.0, eps - x0, torch.ones(batch, 1), ids, mask)
+
+
 def loss_of(dit: CausalWan, text: UMT5EncoderModel, b: DitBatch) -> torch.Tensor:
     d = dit.device
     v = dit.forward_frames(
@@ -471,6 +490,7 @@ def run(opts: Options) -> dict[str, Any]:
             "dit_steps": len(losses),
             "batch": opts.batch,
             "context": opts.context,
+            "first_batch": opts.first_batch,
             "minutes": round(state["seconds"] / 60, 2),
             "device": opts.device,
             "commands": state.get("commands", []),  # every run that made it (a resumed run adds its own)
@@ -491,6 +511,9 @@ def run(opts: Options) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup)
             loss = loss_of(dit, text, b)
+            if opts.first_batch:
+                first = first_batch(pool, tok, preset.text_len, sigmas, rng, opts.first_batch)
+                loss = loss + loss_of(dit, text, first)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -531,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", choices=("clean", "stream"), default=Options.context, help="the rule trained for")
     p.add_argument("--first-weight", type=float, default=Options.first_weight, help="loss weight of a first chunk")
     p.add_argument("--any-sigma", action="store_true", help="clean: train every noise level, not the preset's")
+    p.add_argument("--first-batch", type=int, default=0, help="epoch-start frames alone added to each step")
     p.add_argument("--lr", type=float, default=Options.lr)
     p.add_argument("--sample-every", type=float, default=5.0, help="minutes between sample grids")
     p.add_argument("--export", type=Path, default=None, help="also write the shipped folder here (models/demo)")
@@ -548,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         context=a.context,
         first_weight=a.first_weight,
         any_sigma=a.any_sigma,
+        first_batch=a.first_batch,
         lr=a.lr,
         sample_every_s=a.sample_every * 60,
         export=a.export,
