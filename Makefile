@@ -1,4 +1,4 @@
-# make demo   set up .venv and generate 5 s of video with the embedded demo model (out.mp4)
+# make demo   set up .venv and generate 5 s of video with the embedded tiny model (out.mp4)
 # make test   set up .venv and run every test
 PYTHON ?= python3
 VENV   := .venv
@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/streamer run --config configs/demo.yaml --prompt "a red circle and a blue square on black" \
+	$(BIN)/streamer run --config configs/tiny.yaml --prompt "a lighthouse on a cliff at dusk, waves" \
 		--seconds 5 --out out.mp4
 
 serve: setup
-	$(BIN)/streamer serve --config configs/demo.yaml --host 127.0.0.1 --port 8080
+	$(BIN)/streamer serve --config configs/tiny.yaml --host 127.0.0.1 --port 8080
 
 test: setup
 	$(BIN)/python -m pytest
@@ -31,7 +31,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
-	$(BIN)/python -m bench.engine --config configs/demo.yaml --json bench/results/engine-demo-cpu.json
+	$(BIN)/python -m bench.engine --config configs/tiny.yaml --json bench/results/engine-tiny-cpu.json
 
 lint: setup
 	$(BIN)/ruff check pipeline streamer bench tests

@@ -6,6 +6,7 @@ Streams are made by the real engine (configs/demo.yaml, StreamBatch, 4 sessions 
 prompts and seeds; every frame is read back by a detector that knows the world's palette and shapes
 (pipeline/train/shapes.py), so nothing here needs a person to look:
 
+- **background accuracy**: of the frames, those mostly of the prompt's background colour;
 - **colour accuracy**: of the frames, those where every prompted colour is there (an object of at least
   ``MIN_AREA`` of a small object's area) and no other object colour is;
 - **shape accuracy**: of the objects found whole (not touching the frame's edge nor another object), those
@@ -119,6 +120,11 @@ def detect(frame: np.ndarray, background: str) -> dict[str, Found]:
     return out
 
 
+def background_follows(frame: np.ndarray, background: str) -> bool:
+    """Most of the frame is the prompted background colour."""
+    return bool((palette_labels(frame, background) == 0).mean() > 0.5)
+
+
 def frame_follows(found: dict[str, Found], spec: Spec) -> bool:
     """Every prompted colour there and no other."""
     return set(found) == {c for c, _ in spec.objects}
@@ -127,6 +133,7 @@ def frame_follows(found: dict[str, Found], spec: Spec) -> bool:
 @dataclass
 class Tally:
     frames: int = 0
+    background_ok: int = 0
     colour_ok: int = 0
     objects_judged: int = 0
     shape_ok: int = 0
@@ -145,6 +152,7 @@ class Tally:
         for t, frame in enumerate(frames):
             found = detect(frame, spec.background)
             self.frames += 1
+            self.background_ok += background_follows(frame, spec.background)
             self.colour_ok += frame_follows(found, spec)
             for colour, shape in spec.objects:
                 c = self.per_colour.setdefault(colour, [0, 0])
@@ -181,6 +189,7 @@ class Tally:
 
         return {
             "frames": self.frames,
+            "background_accuracy": rate(self.background_ok, self.frames),
             "colour_accuracy": rate(self.colour_ok, self.frames),
             "shape_accuracy": rate(self.shape_ok, self.objects_judged),
             "objects_judged": self.objects_judged,
@@ -392,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         write_grid(shown, a.grid)
     print(
         f"demo quality over {report['streams']} streams x {report['chunks_per_stream']} chunks: "
-        f"colour {report['colour_accuracy']:.1%}, shape {report['shape_accuracy']:.1%} "
+        f"background {report['background_accuracy']:.1%}, colour {report['colour_accuracy']:.1%}, "
+        f"shape {report['shape_accuracy']:.1%} "
         f"({report['objects_judged']} judged); vanish {report['vanish_at_chunk_boundaries']} at chunk boundaries, "
         f"{report['vanish_inside_chunks']} inside ({report['transitions']} object-frame pairs); "
         f"jumps {report['jumps']}, "
