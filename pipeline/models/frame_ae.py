@@ -87,14 +87,15 @@ class FrameAutoencoder(ModelMixin, ConfigMixin):
         return self.decode_raw(latents * self.std + self.mean)
 
 
-def to_groups(video: torch.Tensor, first: bool) -> torch.Tensor:
+def to_groups(video: torch.Tensor, first: bool, who: str = "frame autoencoder") -> torch.Tensor:
     """Frames [B, 3, N, H, W] -> groups of 4 as channels [B·n, 12, H, W]; ``first``: the stream's first
-    frame alone makes the first group (repeated 4 times), as the Wan VAE's first latent frame holds one frame."""
+    frame alone makes the first group (repeated 4 times), as the Wan VAE's first latent frame holds one frame.
+    ``who`` names the codec in the error for a wrong frame count (this one, and the passthrough's pixel pack)."""
     t = VAE_TEMPORAL_FACTOR
     n = video.shape[2]
     if (first and (n - 1) % t) or (not first and n % t):
         want = "1 + 4k frames for a stream's first chunk" if first else "a multiple of 4 frames"
-        raise ValueError(f"frame autoencoder got {n} frames: needs {want}")
+        raise ValueError(f"{who} got {n} frames: needs {want}")
     if first:
         video = torch.cat([video[:, :, :1].expand(-1, -1, t, -1, -1), video[:, :, 1:]], dim=2)
     b, c, total, h, w = video.shape

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR
+from pipeline.config import VAE_SPATIAL_FACTOR
 from pipeline.models.causal_wan import AttnBatch
+from pipeline.models.frame_ae import from_groups, to_groups
 from pipeline.models.vae import VaeStream
 
 
@@ -93,29 +94,18 @@ class PixelPackVae:
 
     def encode(self, stream: VaeStream, frames: torch.Tensor) -> torch.Tensor:
         """frames [1, 3, N, H, W] -> latents [1, 768, n, H/8, W/8]."""
-        t, s = VAE_TEMPORAL_FACTOR, VAE_SPATIAL_FACTOR
-        n = frames.shape[2]
-        first = stream.frames_encoded == 0
-        if (first and (n - 1) % t) or (not first and n % t):
-            want = "1 + 4k frames for a stream's first chunk" if first else "a multiple of 4 frames"
-            raise ValueError(f"passthrough encode got {n} frames: needs {want}")
-        if first:  # the first latent frame holds one frame, as the Wan VAE's does
-            frames = torch.cat([frames[:, :, :1].expand(-1, -1, t, -1, -1), frames[:, :, 1:]], dim=2)
-        stream.frames_encoded += n
-        b, c, total, height, width = frames.shape
-        groups = frames.reshape(b, c, total // t, t, height, width).permute(0, 2, 1, 3, 4, 5)  # [B, n, 3, 4, H, W]
-        packed = F.pixel_unshuffle(groups.reshape(-1, c * t, height, width), s)  # [B·n, 768, h, w]
-        return packed.reshape(b, total // t, -1, height // s, width // s).permute(0, 2, 1, 3, 4).contiguous()
+        s = VAE_SPATIAL_FACTOR
+        b, _, _, height, width = frames.shape
+        groups = to_groups(frames, stream.frames_encoded == 0, "passthrough encode")  # [B·n, 12, H, W]
+        stream.frames_encoded += frames.shape[2]
+        packed = F.pixel_unshuffle(groups, s)  # [B·n, 768, h, w]
+        return packed.reshape(b, -1, packed.shape[1], height // s, width // s).permute(0, 2, 1, 3, 4).contiguous()
 
     def decode(self, stream: VaeStream, latents: torch.Tensor) -> torch.Tensor:
         """latents [1, 768, n, h, w] -> frames [1, 3, N, H, W] (N = 1 + 4(n-1) for a stream's first)."""
-        t, s = VAE_TEMPORAL_FACTOR, VAE_SPATIAL_FACTOR
         b, _, n, h, w = latents.shape
         per = latents.permute(0, 2, 1, 3, 4).reshape(b * n, -1, h, w)
-        frames = F.pixel_shuffle(per, s).reshape(b, n, 3, t, h * s, w * s).permute(0, 2, 1, 3, 4, 5)
-        frames = frames.reshape(b, 3, n * t, h * s, w * s)
-        if stream.latents_decoded == 0:
-            frames = frames[:, :, t - 1 :]  # the first latent frame decodes to one frame
+        frames = from_groups(F.pixel_shuffle(per, VAE_SPATIAL_FACTOR), b, stream.latents_decoded == 0)
         stream.latents_decoded += n
         return frames
 
