@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -231,6 +232,14 @@ class DitBatch:
     visible: torch.Tensor | None = None  # [F, F] (None: frame-causal)
 
 
+def caption_tokens(
+    pool: dict[str, Any], tok: WordTokenizer, text_len: int, pick: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [B, text_len] of the picked pool items' captions."""
+    encoded = [tok.encode(pool["captions"][int(i)], text_len) for i in pick]
+    return torch.tensor([e[0] for e in encoded]), torch.tensor([e[1] for e in encoded])
+
+
 def dit_batch(
     pool: dict[str, Any],
     tok: WordTokenizer,
@@ -254,9 +263,7 @@ def dit_batch(
     g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     eps = torch.randn(x0.shape, generator=g)
     ctx = x0 + 0.03 * torch.rand(batch, 1, SEQ, 1, 1, generator=g) * torch.randn(x0.shape, generator=g)
-    encoded = [tok.encode(pool["captions"][int(i)], text_len) for i in pick]
-    ids = torch.tensor([e[0] for e in encoded])
-    mask = torch.tensor([e[1] for e in encoded])
+    ids, mask = caption_tokens(pool, tok, text_len, pick)
     later = (torch.arange(SEQ).view(1, SEQ) >= first.view(batch, 1)).float()  # [B, SEQ]
     later[:, 0] *= torch.where(first == 0, first_weight, 1.0)  # an epoch's first chunk: no context, the hardest
     if context == "clean":
@@ -282,7 +289,7 @@ def dit_batch(
         )
     levels = []
     for i in range(batch):
-        head = SEQ - 1 if rng.random() < 0.75 else int(rng.integers(max(int(first[i]), 0), SEQ))
+        head = SEQ - 1 if rng.random() < 0.75 else int(rng.integers(int(first[i]), SEQ))
         levels.append(staircase(head, int(rng.integers(0, steps)), steps))
     sigma = table[torch.tensor(levels)]  # [B, SEQ]
     s = sigma.view(batch, 1, SEQ, 1, 1)
@@ -302,9 +309,7 @@ def first_batch(
     g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     eps = torch.randn(x0.shape, generator=g)
     s = sigma.view(batch, 1, 1, 1, 1)
-    encoded = [tok.encode(pool["captions"][int(i)], text_len) for i in pick]
-    ids = torch.tensor([e[0] for e in encoded])
-    mask = torch.tensor([e[1] for e in encoded])
+    ids, mask = caption_tokens(pool, tok, text_len, pick)
     return DitBatch((1 - s) * x0 + s * eps, sigma * 1000.0, eps - x0, torch.ones(batch, 1), ids, mask)
 
 
@@ -322,18 +327,11 @@ def loss_of(dit: CausalWan, text: UMT5EncoderModel, b: DitBatch) -> torch.Tensor
 
 
 def build(preset: ModelPreset, seed: int) -> tuple[CausalWan, FrameAutoencoder, UMT5EncoderModel]:
-    preset = replace_seed(preset, seed)
-    transformer, vae, text = random_components(preset)
+    transformer, vae, text = random_components(dataclasses.replace(preset, seed=seed))
     assert isinstance(vae, FrameAutoencoder)
     for m in (transformer, vae, text):
         m.float()
     return CausalWan(transformer, text_kv_cache=False), vae, text
-
-
-def replace_seed(preset: ModelPreset, seed: int) -> ModelPreset:
-    import dataclasses
-
-    return dataclasses.replace(preset, seed=seed)
 
 
 def export(folder: Path, dit: CausalWan, ae: FrameAutoencoder, text: UMT5EncoderModel, meta: dict[str, Any]) -> None:
