@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.models.attention import BACKENDS, FLASH_MODULES, backend_installed
-from pipeline.sampling import sigmas_from_timesteps, table_sigma
+from pipeline.sampling import PREDICTIONS, sigmas_from_timesteps, table_sigma
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -64,6 +64,8 @@ class ModelPreset:
     # the update rule between steps (pipeline/sampling.py): "flow" x0 noised again with fresh noise (distilled
     # few-step models: Self-Forcing, CausVid, StreamDiffusionV2), "euler" the flow's ODE step (the demo)
     sampler: str = "flow"
+    # what the DiT's output means (pipeline/sampling.py): "velocity" ε − x0 (every Wan model), "x0" (the demo)
+    prediction: str = "velocity"
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -278,8 +280,8 @@ def load_model_preset(name: str) -> ModelPreset:
     if kind != "wan":
         raise _fail(where, "kind", kind, "'wan' or 'passthrough'")
     allowed = {"name", "kind", "weights", "source", "seed", "transformer", "vae", "text_encoder", "tokenizer"}
-    allowed |= {"text_len", "timesteps", "shift", "fps", "sampler"}
-    _check_keys(where, data, allowed, allowed - {"source", "seed", "kind", "sampler"})
+    allowed |= {"text_len", "timesteps", "shift", "fps", "sampler", "prediction"}
+    _check_keys(where, data, allowed, allowed - {"source", "seed", "kind", "sampler", "prediction"})
     if data["name"] != name:
         raise _fail(where, "name", data["name"], f"the file's own name {name!r}")
     if data["weights"] not in ("random", "pretrained"):
@@ -300,6 +302,8 @@ def load_model_preset(name: str) -> ModelPreset:
         raise _fail(where, "shift", data["shift"], "a positive number")
     if data.get("sampler", "flow") not in SAMPLERS:
         raise _fail(where, "sampler", data.get("sampler"), f"one of {SAMPLERS}")
+    if data.get("prediction", "velocity") not in PREDICTIONS:
+        raise _fail(where, "prediction", data.get("prediction"), f"one of {PREDICTIONS}")
     return ModelPreset(
         name=name,
         kind="wan",
@@ -315,6 +319,7 @@ def load_model_preset(name: str) -> ModelPreset:
         shift=float(data["shift"]),
         fps=int(data["fps"]),
         sampler=data.get("sampler", "flow"),
+        prediction=data.get("prediction", "velocity"),
     )
 
 

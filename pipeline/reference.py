@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import SystemConfig
 from pipeline.models.causal_wan import AttnBatch, CausalWan, apply_rope
-from pipeline.sampling import FlowSampler, chunk_noise, to_x0
+from pipeline.sampling import FlowSampler, chunk_noise
 from pipeline.types import UserParams
 from pipeline.window import context_frames, sink_shift
 
@@ -110,7 +110,7 @@ def reference_session(
             velocity, written = forward_one(model, config, x, sigmas[i], text, f0, context_at(i))
             versions[(j, i)] = split_frames(written, cf)
             sigma = torch.tensor([sigmas[i]], device=device)
-            x0 = to_x0(x[None], sigma, velocity[None])[0]
+            x0 = sampler.x0(x[None], sigma, velocity[None])[0]
             if i + 1 < steps:
                 fresh = chunk_noise(params.seed, epoch, ci, i + 1, shape, dtype, device)
                 x = sampler.next_input(x[None], sigma, velocity[None], sigmas[i + 1], fresh[None])[0]

@@ -100,12 +100,30 @@ def chunk_noise(
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+PREDICTIONS = ("velocity", "x0")
+
+
 class FlowSampler:
     """The update rule between steps, as a collaborator the model's loader picks (no model-kind branch in
-    the engine): ``x0 = x_σ − σ·v``, then the next step's input ``x_σ' = (1−σ')·x0 + σ'·ε'``."""
+    the engine): ``x0 = x_σ − σ·v``, then the next step's input ``x_σ' = (1−σ')·x0 + σ'·ε'``.
 
-    def x0(self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
-        return to_x0(x, sigma, velocity)
+    ``prediction`` is what the model's output means. ``velocity`` (every Wan model): v = ε − x0. ``x0`` (the
+    demo): the clean latents themselves, so v = (x_σ − x0)/σ. A small model trained from scratch learns x0
+    at σ = 1 (the picture its prompt and context call for) where a velocity net must copy its input noise
+    through to draw anything. The engine passes the model's output here under the name ``velocity`` either
+    way; every σ the engine steps at is > 0 (``validate_sigmas``)."""
+
+    def __init__(self, prediction: str = "velocity") -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r} is not allowed: one of {PREDICTIONS}")
+        self.prediction = prediction
+
+    def x0(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return output if self.prediction == "x0" else to_x0(x, sigma, output)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The flow's velocity ``v = ε − x0`` from the model's output at input ``x``, ``sigma`` ([B])."""
+        return (x - output) / _bcast(sigma, x) if self.prediction == "x0" else output
 
     def noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
         return add_noise(x0, sigma, noise)
@@ -129,7 +147,7 @@ class EulerSampler(FlowSampler):
     def next_input(
         self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor, sigma_next: float, noise: torch.Tensor
     ) -> torch.Tensor:
-        return x + (sigma_next - sigma.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)) * velocity
+        return x + (sigma_next - _bcast(sigma, x)) * self.velocity(x, sigma, velocity)
 
 
 class IdentitySampler(FlowSampler):

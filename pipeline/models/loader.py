@@ -248,5 +248,5 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
         else taehv_decoder(StreamingVae(vae), config.decoder_path, preset.seed, device, side_dtype, vae_scale(preset)),
         text=TextEncoder(text_encoder, tokenizer, preset.text_len, device=device),
         source=where,
-        sampler=EulerSampler() if preset.sampler == "euler" else FlowSampler(),
+        sampler=(EulerSampler if preset.sampler == "euler" else FlowSampler)(preset.prediction),
     )

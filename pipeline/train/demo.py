@@ -224,7 +224,7 @@ def text_states(encoder: UMT5EncoderModel, ids: torch.Tensor, mask: torch.Tensor
 class DitBatch:
     x: torch.Tensor  # [B, C, F, h, w] the model's input: F = SEQ (stream) or 2·SEQ (clean: clean, then noised)
     time: torch.Tensor  # [B, F] the model's time input (1000·σ)
-    target: torch.Tensor  # [B, C, F, h, w] velocity ε - x0
+    target: torch.Tensor  # [B, C, F, h, w] what the model predicts: velocity ε - x0, or x0 (the preset's prediction)
     weight: torch.Tensor  # [B, F] 1 where the loss counts
     ids: torch.Tensor
     mask: torch.Tensor
@@ -250,6 +250,7 @@ def dit_batch(
     context: str = "clean",
     first_weight: float = 1.0,
     shift: float | None = None,
+    prediction: str = "velocity",
 ) -> DitBatch:
     """A batch for the ``context`` rule. ``clean``: every frame from the item's first loss frame on is noised to
     one of the preset's σ and sees the clean frames before it (teacher forcing). ``stream``: a staircase of levels
@@ -263,6 +264,7 @@ def dit_batch(
     g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     eps = torch.randn(x0.shape, generator=g)
     ctx = x0 + 0.03 * torch.rand(batch, 1, SEQ, 1, 1, generator=g) * torch.randn(x0.shape, generator=g)
+    target = x0 if prediction == "x0" else eps - x0
     ids, mask = caption_tokens(pool, tok, text_len, pick)
     later = (torch.arange(SEQ).view(1, SEQ) >= first.view(batch, 1)).float()  # [B, SEQ]
     later[:, 0] *= torch.where(first == 0, first_weight, 1.0)  # an epoch's first chunk: no context, the hardest
@@ -280,7 +282,7 @@ def dit_batch(
         return DitBatch(
             torch.cat([ctx, noisy], dim=2),
             torch.cat([zero, sigma * 1000.0], dim=1),
-            torch.cat([torch.zeros_like(x0), eps - x0], dim=2),
+            torch.cat([torch.zeros_like(x0), target], dim=2),
             torch.cat([zero, later], dim=1),
             ids,
             mask,
@@ -294,11 +296,17 @@ def dit_batch(
     sigma = table[torch.tensor(levels)]  # [B, SEQ]
     s = sigma.view(batch, 1, SEQ, 1, 1)
     x = torch.where(s > 0, (1 - s) * x0 + s * eps, ctx)
-    return DitBatch(x, sigma * 1000.0, eps - x0, (sigma > 0).float() * later, ids, mask)
+    return DitBatch(x, sigma * 1000.0, target, (sigma > 0).float() * later, ids, mask)
 
 
 def first_batch(
-    pool: dict[str, Any], tok: WordTokenizer, text_len: int, sigmas: list[float], rng: np.random.Generator, batch: int
+    pool: dict[str, Any],
+    tok: WordTokenizer,
+    text_len: int,
+    sigmas: list[float],
+    rng: np.random.Generator,
+    batch: int,
+    prediction: str = "velocity",
 ) -> DitBatch:
     """Epoch-start frames alone (no context), ``batch`` of them: each is one latent frame of 64 tokens, cheap
     next to a sequence, and the frame a stream's every later chunk continues from."""
@@ -310,7 +318,8 @@ def first_batch(
     eps = torch.randn(x0.shape, generator=g)
     s = sigma.view(batch, 1, 1, 1, 1)
     ids, mask = caption_tokens(pool, tok, text_len, pick)
-    return DitBatch((1 - s) * x0 + s * eps, sigma * 1000.0, eps - x0, torch.ones(batch, 1), ids, mask)
+    target = x0 if prediction == "x0" else eps - x0
+    return DitBatch((1 - s) * x0 + s * eps, sigma * 1000.0, target, torch.ones(batch, 1), ids, mask)
 
 
 def loss_of(dit: CausalWan, text: UMT5EncoderModel, b: DitBatch) -> torch.Tensor:
@@ -504,13 +513,24 @@ def run(opts: Options) -> dict[str, Any]:
                 break
             rng = _generator(opts.seed, 4, step)
             shift = preset.shift if opts.any_sigma else None
-            b = dit_batch(pool, tok, preset.text_len, sigmas, rng, opts.batch, opts.context, opts.first_weight, shift)
+            b = dit_batch(
+                pool,
+                tok,
+                preset.text_len,
+                sigmas,
+                rng,
+                opts.batch,
+                opts.context,
+                opts.first_weight,
+                shift,
+                preset.prediction,
+            )
             torch.manual_seed(opts.seed * 1_000_003 + step)
             for g in opt.param_groups:
                 g["lr"] = opts.lr * min(1.0, (step + 1) / opts.warmup)
             loss = loss_of(dit, text, b)
             if opts.first_batch:
-                first = first_batch(pool, tok, preset.text_len, sigmas, rng, opts.first_batch)
+                first = first_batch(pool, tok, preset.text_len, sigmas, rng, opts.first_batch, preset.prediction)
                 loss = loss + loss_of(dit, text, first)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -3,12 +3,14 @@ training forward), its training (reproducible, resumable) and the shipped weight
 and held to measured quality)."""
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import pipeline.config
 from bench.demo_quality import (
     Tally,
     background_follows,
@@ -19,7 +21,15 @@ from bench.demo_quality import (
     other_prompt,
     prompt_set,
 )
-from pipeline.config import CONFIG_DIR, REPO_ROOT, ConfigError, load_model_preset, load_system_config, replace
+from pipeline.config import (
+    CONFIG_DIR,
+    MODEL_DIR,
+    REPO_ROOT,
+    ConfigError,
+    load_model_preset,
+    load_system_config,
+    replace,
+)
 from pipeline.engine import Engine
 from pipeline.models.frame_ae import FrameAutoencoder, StreamingFrameAe, from_groups, to_groups
 from pipeline.models.loader import load_models
@@ -361,11 +371,39 @@ def test_euler_step_keeps_the_noise_the_model_reads():
     assert torch.allclose(fresh, 0.5 * x0 + 0.5 * 9.0)
 
 
+def test_an_x0_model_output_is_read_as_the_clean_latents():
+    """``prediction: x0`` (the demo): the output is x0 itself; the velocity is (x − x0)/σ, so the ODE step keeps
+    ε̂ = (x − (1−σ)·x0)/σ."""
+    x, out, sigma = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.1, 0.3]]), torch.tensor([0.8])
+    sampler = EulerSampler("x0")
+    assert torch.equal(sampler.x0(x, sigma, out), out)
+    assert torch.allclose(sampler.velocity(x, sigma, out), torch.tensor([[0.5, -1.625]]))
+    nxt = sampler.next_input(x, sigma, out, 0.5, torch.full((1, 2), 9.0))
+    assert torch.allclose(nxt, torch.tensor([[0.35, -0.5125]]))  # x + (0.5 − 0.8)·(x − x0)/0.8
+    eps = (x - 0.2 * out) / 0.8
+    assert torch.allclose(nxt, 0.5 * out + 0.5 * eps)
+    assert torch.allclose(FlowSampler("x0").next_input(x, sigma, out, 0.5, torch.full((1, 2), 9.0)), 0.5 * out + 4.5)
+    # the same model output read as a velocity means something else
+    assert not torch.allclose(EulerSampler().x0(x, sigma, out), out)
+    with pytest.raises(ValueError, match="prediction='eps' is not allowed"):
+        FlowSampler("eps")
+
+
+@pytest.mark.parametrize(("field", "value"), [("prediction", "eps"), ("sampler", "ddim")])
+def test_a_preset_with_an_unknown_update_rule_is_refused(tmp_path, monkeypatch, field, value):
+    text = (MODEL_DIR / "demo.yaml").read_text()
+    assert re.search(rf"^{field}: ", text, flags=re.M)
+    (tmp_path / "demo.yaml").write_text(re.sub(rf"^{field}: .*$", f"{field}: {value}", text, flags=re.M))
+    monkeypatch.setattr(pipeline.config, "MODEL_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=f"{field}={value!r} is not allowed"):
+        load_model_preset("demo")
+
+
 def test_the_engine_samples_the_demo_preset_as_the_reference_loop_does():
     """The demo's ODE step through the StreamBatch engine equals the plain reference loop with it."""
     config = replace(load_system_config(CONFIG_DIR / "demo.yaml"), dtype="float64", height=32, width=32)
     models = load_models(config, random_weights=True)
-    assert isinstance(models.sampler, EulerSampler)
+    assert isinstance(models.sampler, EulerSampler) and models.sampler.prediction == "x0"
     engine = Engine(config, models, executor=make_executor(config, models, "streambatch", keep_latents=True))
     params = [UserParams(prompt="a red circle on black", seed=1), UserParams(prompt="a blue square on grey", seed=2)]
     sids = [open_t2v(engine, 5, prompt=p.prompt, seed=p.seed) for p in params]
@@ -373,8 +411,8 @@ def test_the_engine_samples_the_demo_preset_as_the_reference_loop_does():
     for c in drain(engine):
         got.setdefault(c.envelope.session_id, []).append(c.latents)
     for sid, p in zip(sids, params, strict=True):
-        want = reference_session(models.dit, models.text, config, p, 5, sampler=EulerSampler())
-        fresh = reference_session(models.dit, models.text, config, p, 5, sampler=FlowSampler())
+        want = reference_session(models.dit, models.text, config, p, 5, sampler=EulerSampler("x0"))
+        fresh = reference_session(models.dit, models.text, config, p, 5, sampler=FlowSampler("x0"))
         assert len(got[sid]) == 5
         for a, b in zip(got[sid], want, strict=True):
             assert (a - b).abs().max() < 1e-6
