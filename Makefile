@@ -1,4 +1,4 @@
-# make demo   set up .venv and generate 5 s of video with the embedded tiny model (out.mp4)
+# make demo   set up .venv and generate 5 s of video with the embedded demo model (out.mp4)
 # make test   set up .venv and run every test
 PYTHON ?= python3
 VENV   := .venv
@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/streamer run --config configs/tiny.yaml --prompt "a lighthouse on a cliff at dusk, waves" \
+	$(BIN)/streamer run --config configs/demo.yaml --prompt "a red circle and a blue square on black" \
 		--seconds 5 --out out.mp4
 
 serve: setup
-	$(BIN)/streamer serve --config configs/tiny.yaml --host 127.0.0.1 --port 8080
+	$(BIN)/streamer serve --config configs/demo.yaml --host 127.0.0.1 --port 8080
 
 test: setup
 	$(BIN)/python -m pytest

@@ -13,8 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from bench.demo_quality import background_follows, detect, frame_follows
+from pipeline.train.shapes import parse_caption
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -81,6 +85,11 @@ def test_page_plays_live_video_prompt_and_cut(chromium, tmp_path, mode):
         assert report["words"] is not None and "triangle" in report["words"], report["words"]
     with Image.open(shot) as img:
         assert img.size == (1100, 760)
-        if mode == "v2v":  # (the demo model draws flat backgrounds so far: README, "The demo model")
-            pixels = img.convert("RGB").crop((180, 90, 560, 470)).getcolors(maxcolors=1 << 16)
+        video = img.convert("RGB").crop((180, 90, 556, 466))  # inside the video element's 128x128 picture
+        if mode == "t2v":  # the demo model draws the prompt sent live (then cut to): its colour on its background
+            frame = np.asarray(video.resize((128, 128)))
+            found = detect(frame, "grey")
+            assert background_follows(frame, "grey") and frame_follows(found, parse_caption(RUNS[mode][-1])), found
+        else:
+            pixels = video.getcolors(maxcolors=1 << 16)
             assert pixels is None or len(pixels) > 50  # the video area holds a picture, not a flat fill

@@ -331,13 +331,17 @@ def test_a_client_that_vanishes_without_a_word_is_closed_and_freed():
 
 def test_the_demo_model_live_follows_the_prompt_and_its_changes():
     """The trained demo preset through the same server: the words it knows in /api/health, the frames show the
-    prompt's background (read by bench.demo_quality's detector; its objects are not drawn yet, bench/README.md),
-    and a prompt sent live is followed."""
-    from bench.demo_quality import background_follows
+    prompt's background and objects in their colours (read by bench.demo_quality's detector), and a prompt sent
+    live is followed."""
+    from bench.demo_quality import background_follows, detect, frame_follows
+    from pipeline.train.shapes import parse_caption
 
-    def following(frames: list[Any], background: str) -> float:
+    def following(frames: list[Any], prompt: str) -> tuple[float, float]:
+        """Shares of frames with the prompt's background, and with its colours and no other."""
+        spec = parse_caption(prompt)
         rgb = [f.to_ndarray(format="rgb24") for f in frames]
-        return sum(background_follows(f, background) for f in rgb) / len(rgb)
+        background = sum(background_follows(f, spec.background) for f in rgb) / len(rgb)
+        return background, sum(frame_follows(detect(f, spec.background), spec) for f in rgb) / len(rgb)
 
     async def main() -> None:
         config = load_system_config(CONFIG_DIR / "demo.yaml")
@@ -347,11 +351,13 @@ def test_the_demo_model_live_follows_the_prompt_and_its_changes():
             client = await connect(base, {"prompt": "a red circle on black", "seed": 1})
             frames = await client.frames(24)
             assert (frames[0].width, frames[0].height) == (128, 128)
-            assert following(frames[4:], "black") > 0.9
+            background, objects = following(frames[4:], "a red circle on black")
+            assert background > 0.9 and objects > 0.8, (background, objects)
             reply = await client.send({"type": "prompt", "prompt": "a yellow square on grey"})
             assert reply["type"] == "ack"
             await client.frames(32)  # the chunks in flight, and the ones the new prompt takes to show
-            assert following(await client.frames(16), "grey") > 0.9
+            background, objects = following(await client.frames(16), "a yellow square on grey")
+            assert background > 0.9 and objects > 0.8, (background, objects)
             await client.pc.close()
 
     run(main(), 180)
