@@ -11,11 +11,13 @@ Three phases, each a pure function of ``--seed`` and its own step count:
 2. **A pool of latent sequences** (``--pool``): clips rendered and encoded once, each 8 latent frames as the
    ``stream`` window shows them (a sink frame, then 7 in a row); some start an epoch, some are a rolled window
    whose sink is the clip's first frame from long before, some change scene (and caption) part way.
-3. **The causal DiT and its text encoder** (until ``--minutes`` are spent, or ``--steps``): flow matching where
-   every frame of a sequence is noised to the level the ``stream`` visibility rule shows it at (DESIGN §4: chunk
-   j at step i sees chunk j-d as written by its step min(i+d-1, W)), one forward over the sequence with a
-   frame-causal mask (``CausalWan.forward_frames``), the loss on every noisy frame. So chunk-by-chunk sampling
-   with the preset's 4 steps is what it was trained for.
+3. **The causal DiT and its text encoder** (until ``--minutes`` are spent, or ``--steps``): flow matching at the
+   preset's 4 noise levels, one forward over a sequence (``CausalWan.forward_frames``) laid out for the context
+   rule trained for. ``clean`` (the default, the shipped weights'): teacher forcing, every noisy frame seeing the
+   clean frames before it. ``stream``: each frame noised to the level the ``stream`` rule shows it at (DESIGN §4:
+   chunk j at step i sees chunk j-d as written by its step min(i+d-1, W)) under a frame-causal mask. The loss is
+   on every noisy frame, against what the preset says its DiT predicts (``prediction``: x0 for the demo, or the
+   velocity). So chunk-by-chunk sampling with the preset's 4 steps is what it was trained for.
 
 Shown while it runs: a progress bar (loss, steps/s), ``loss.png`` and sample grids (``samples/step-N.png``: four
 prompts streamed by the real engine from the weights as they are). ``checkpoint.pt`` in ``--out`` holds everything
