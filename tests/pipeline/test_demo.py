@@ -326,13 +326,13 @@ def test_the_shipped_autoencoder_reconstructs_the_world():
 @pytest.mark.slow
 def test_the_shipped_model_holds_what_it_measured():
     """A short bench.demo_quality, held a little below what the shipped weights measured on it on a 2-core AMD
-    EPYC (colour 100 %, shape 64.1 % of 365 objects judged, none vanished), with a margin for another CPU's
+    EPYC (colour 100 %, shape 90.5 % of 377 objects judged, none vanished), with a margin for another CPU's
     rounding; the full run is in bench/README.md. Goes red when the weights, the sampler, the detector or the
     engine path regress."""
     report, _ = measure(CONFIG_DIR / "demo.yaml", streams=8, chunks=8, changes=0)
     assert report["background_accuracy"] >= 0.95, report
     assert report["colour_accuracy"] >= 0.95, report
-    assert report["shape_accuracy"] >= 0.58 and report["objects_judged"] >= 300, report
+    assert report["shape_accuracy"] >= 0.85 and report["objects_judged"] >= 300, report
     assert report["vanish_at_chunk_boundaries"] + report["vanish_inside_chunks"] <= 2, report
     assert report["frames"] == 8 * (1 + 4 * 7)
 
