@@ -103,6 +103,12 @@ def chunk_noise(
 PREDICTIONS = ("velocity", "x0")
 
 
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What a model with this ``prediction`` should output for ``x_σ = (1-σ)·x0 + σ·ε``: the training target
+    that :class:`FlowSampler` reads back (x0 itself, or the velocity ε − x0)."""
+    return x0 if prediction == "x0" else noise - x0
+
+
 class FlowSampler:
     """The update rule between steps, as a collaborator the model's loader picks (no model-kind branch in
     the engine): ``x0 = x_σ − σ·v``, then the next step's input ``x_σ' = (1−σ')·x0 + σ'·ε'``.

@@ -49,7 +49,7 @@ from pipeline.models.causal_wan import CausalWan
 from pipeline.models.frame_ae import FrameAutoencoder, to_groups
 from pipeline.models.loader import random_components
 from pipeline.models.text import WordTokenizer
-from pipeline.sampling import sigmas_from_timesteps
+from pipeline.sampling import prediction_target, sigmas_from_timesteps
 from pipeline.train.shapes import Scene, caption, random_scene, render, trajectories, vocabulary
 
 PRESET = "demo"
@@ -266,7 +266,7 @@ def dit_batch(
     g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     eps = torch.randn(x0.shape, generator=g)
     ctx = x0 + 0.03 * torch.rand(batch, 1, SEQ, 1, 1, generator=g) * torch.randn(x0.shape, generator=g)
-    target = x0 if prediction == "x0" else eps - x0
+    target = prediction_target(x0, eps, prediction)
     ids, mask = caption_tokens(pool, tok, text_len, pick)
     later = (torch.arange(SEQ).view(1, SEQ) >= first.view(batch, 1)).float()  # [B, SEQ]
     later[:, 0] *= torch.where(first == 0, first_weight, 1.0)  # an epoch's first chunk: no context, the hardest
@@ -320,7 +320,7 @@ def first_batch(
     eps = torch.randn(x0.shape, generator=g)
     s = sigma.view(batch, 1, 1, 1, 1)
     ids, mask = caption_tokens(pool, tok, text_len, pick)
-    target = x0 if prediction == "x0" else eps - x0
+    target = prediction_target(x0, eps, prediction)
     return DitBatch((1 - s) * x0 + s * eps, sigma * 1000.0, target, torch.ones(batch, 1), ids, mask)
 
 
