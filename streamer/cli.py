@@ -20,6 +20,8 @@ from streamer.convert import add_checkpoint_flags, add_convert_parser, model_fla
 from streamer.plan import add_memory_flags, memory_gate
 from streamer.run import EXIT_BAD_INPUT, check_stages, cmd_run, parse_split
 
+DEFAULT_CONFIG = str(CONFIG_DIR / "demo.yaml")  # the trained model; tiny (random weights) is for plumbing
+
 
 def listen(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on every address ``host`` resolves to (as asyncio's create_server binds them:
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamer", description="Streaming, real-time video generation.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate a video file (t2v, or v2v from --input)")
-    run.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="system config (default: tiny)")
+    run.add_argument("--config", default=DEFAULT_CONFIG, help="system config (default: demo, the trained model)")
     run.add_argument("--prompt", default="", help="text prompt")
     run.add_argument("--prompts", default=None, help="a YAML schedule of prompts and cuts over time")
     run.add_argument("--seconds", type=float, default=5.0, help="seconds of video to generate (default 5)")
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="serve the live demo page and the WebRTC API")
-    serve.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="system config (default: tiny)")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help="system config (default: demo, the trained model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--model", default=None, help="weights: a local folder or hub id")

@@ -163,8 +163,22 @@ def test_the_cli_flags_reach_the_config_and_bad_values_are_named(command, tmp_pa
     from streamer.cli import main
 
     extra = ["--out", str(tmp_path / "a.mp4")] if command == "run" else ["--port", "1"]
-    assert main([command, "--decoder", "tiny", *extra]) == 2
+    assert main([command, "--config", str(CONFIG_DIR / "tiny.yaml"), "--decoder", "tiny", *extra]) == 2
     assert "decoder='tiny' is not allowed: one of ('wan', 'taehv')" in capsys.readouterr().err
-    assert main([command, "--decoder", "taehv", "--decoder-path", str(tmp_path / "none.pth"), *extra]) == 2
+    assert (
+        main(
+            [
+                command,
+                "--config",
+                str(CONFIG_DIR / "tiny.yaml"),
+                "--decoder",
+                "taehv",
+                "--decoder-path",
+                str(tmp_path / "none.pth"),
+                *extra,
+            ]
+        )
+        == 2
+    )
     assert f"decoder_path='{tmp_path / 'none.pth'}' is not allowed: an existing file" in capsys.readouterr().err
     assert not (tmp_path / "a.mp4").exists()

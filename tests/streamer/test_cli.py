@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -17,7 +18,7 @@ from streamer.cli import main
 from streamer.egress.file import FileWriter
 from tests.conftest import ROOT, count_frames, free_port, run_streamer
 
-SMALL = ["--height", "32", "--width", "32"]
+SMALL = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--height", "32", "--width", "32"]
 
 pytestmark = pytest.mark.slow  # real subprocesses: ~5 s each to import torch and diffusers
 
@@ -413,7 +414,9 @@ def test_serve_answers_health_and_stops_cleanly_on_sigint():
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.3)
-        assert health == {"status": "ok", "model": "tiny", "sessions": 0, "max_sessions": 3, "free_slots": 3}
+        words = health.pop("words")  # the demo model's vocabulary, which the page lists
+        assert {"red", "circle", "on", "black"} <= set(words)
+        assert health == {"status": "ok", "model": "demo", "sessions": 0, "max_sessions": 3, "free_slots": 3}
     finally:
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
@@ -450,3 +453,10 @@ def test_serve_on_an_address_it_cannot_bind_names_it():
 def test_serve_bad_arguments(args, message):
     r = run_streamer("serve", *args)
     assert r.returncode == 2 and message in r.stderr
+
+
+def test_the_default_config_is_the_trained_demo_model():
+    from streamer.cli import build_parser
+
+    for argv in (["run", "--out", "a.mp4"], ["serve"]):
+        assert Path(build_parser().parse_args(argv).config) == ROOT / "configs" / "demo.yaml"

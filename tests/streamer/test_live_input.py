@@ -73,6 +73,8 @@ def test_v2v_from_a_live_pipe(tmp_path):
         "2",
         "--out",
         str(out),
+        "--config",
+        "configs/tiny.yaml",
         "--height",
         "32",
         "--width",

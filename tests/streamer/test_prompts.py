@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_streamer
 
-SMALL = ["--height", "32", "--width", "32", "--quiet", "--frames", "40"]
+SMALL = ["--config", "configs/tiny.yaml", "--height", "32", "--width", "32", "--quiet", "--frames", "40"]
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT, count_frames, free_port, run_streamer
 
 RECEIVER = Path(__file__).with_name("rtmp_receiver.py")
-SMALL = ["--height", "32", "--width", "32", "--quiet"]
+SMALL = ["--config", "configs/tiny.yaml", "--height", "32", "--width", "32", "--quiet"]
 
 pytestmark = pytest.mark.slow
 
