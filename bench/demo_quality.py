@@ -61,7 +61,8 @@ class Found:
     area: int  # pixels
     centroid: tuple[float, float]  # x, y in pixels
     touches_edge: bool
-    shape: str | None  # the best-fitting shape (None when it touches the edge: not judged)
+    touches_other: bool  # its box touches another object's: one may hide the other
+    shape: str | None  # the best-fitting shape (None when it touches the edge or another object: not judged)
 
 
 def palette_labels(frame: np.ndarray, background: str) -> np.ndarray:
@@ -114,9 +115,9 @@ def detect(frame: np.ndarray, background: str) -> dict[str, Found]:
         box = boxes[name]
         ys, xs = np.nonzero(mask)
         edge = bool(box[0] == 0 or box[1] == 0 or box[2] == w - 1 or box[3] == h - 1)
-        hidden = any(overlaps(box, other) for o, other in boxes.items() if o != name)  # one may hide the other
-        shape = None if edge or hidden else best_shape(mask)
-        out[name] = Found(name, int(mask.sum()), (float(xs.mean()), float(ys.mean())), edge, shape)
+        near = any(overlaps(box, other) for o, other in boxes.items() if o != name)
+        shape = None if edge or near else best_shape(mask)
+        out[name] = Found(name, int(mask.sum()), (float(xs.mean()), float(ys.mean())), edge, near, shape)
     return out
 
 
@@ -145,8 +146,9 @@ class Tally:
     flicker: int = 0
     per_colour: dict[str, list[int]] = field(default_factory=dict)  # colour -> [there, asked]
     per_shape: dict[str, list[int]] = field(default_factory=dict)  # shape -> [right, judged]
+    vanished: list[dict[str, Any]] = field(default_factory=list)  # each vanishing: where, and how it was last seen
 
-    def add_stream(self, spec: Spec, frames: list[np.ndarray], chunk_starts: set[int]) -> None:
+    def add_stream(self, spec: Spec, frames: list[np.ndarray], chunk_starts: set[int], name: str = "") -> None:
         unit = min(frames[0].shape[:2])
         prev: dict[str, Found] | None = None
         for t, frame in enumerate(frames):
@@ -171,6 +173,19 @@ class Tally:
                 boundary = t in chunk_starts
                 self.boundaries += boundary
                 if f is None:
+                    p = prev[colour]
+                    self.vanished.append(
+                        {
+                            "stream": name,
+                            "frame": t,
+                            "colour": colour,
+                            "at_chunk_boundary": boundary,
+                            "last_area": p.area,
+                            "last_centroid": [round(p.centroid[0], 1), round(p.centroid[1], 1)],
+                            "last_touched_edge": p.touches_edge,
+                            "last_touched_other": p.touches_other,
+                        }
+                    )
                     if boundary:
                         self.vanish_boundary += 1
                     else:
@@ -198,6 +213,7 @@ class Tally:
             "transitions": self.transitions,
             "vanish_at_chunk_boundaries": self.vanish_boundary,
             "vanish_inside_chunks": self.vanish_inside,
+            "vanished": self.vanished,
             "chunk_boundaries": self.boundaries,
             "jumps": self.jumps,
             "flicker": self.flicker,
@@ -302,13 +318,13 @@ def measure(
         per = config.max_sessions
         jobs = [(p, seed + i) for i, p in enumerate(prompts)]
         for at in range(0, len(jobs), per):
-            for (prompt, _), made in zip(jobs[at : at + per], stream(engine, jobs[at : at + per], chunks), strict=True):
+            for (prompt, s), made in zip(jobs[at : at + per], stream(engine, jobs[at : at + per], chunks), strict=True):
                 frames = [f for c in made for f in c.frames]
                 starts, t = set(), 0
                 for c in made:
                     starts.add(t)
                     t += c.num_frames
-                tally.add_stream(parse_caption(prompt), frames, starts - {0})
+                tally.add_stream(parse_caption(prompt), frames, starts - {0}, f"{prompt!r} seed {s}")
                 if len(shown) < 6:
                     shown.append((prompt, frames))
         n_change = streams // 2 if changes is None else changes

@@ -399,7 +399,7 @@ ROWS = {
     "VAE decoder caches": "causal cache per session (measured on the meta device)",
     "VAE encoder caches (v2v)": "v2v sessions only",
     "decode activations": "estimate: batched decode of every session",
-    "text encoder": "UMT5 weights",
+    "text encoder": "UMT5 weights (or the demo's word table)",
 }
 
 

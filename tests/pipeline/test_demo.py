@@ -167,6 +167,7 @@ def test_the_detector_reads_rendered_truth_right_and_catches_wrong_colours_and_s
     empty = np.zeros_like(frame)
     tally.add_stream(parse_caption("a blue square on black"), [frame, frame, empty, frame], {2})
     assert (tally.vanish_boundary, tally.vanish_inside) == (1, 0)
+    assert [(v["frame"], v["colour"], v["at_chunk_boundary"]) for v in tally.vanished] == [(2, "blue", True)]
 
 
 def test_best_shape_of_a_blob_is_the_circle():
