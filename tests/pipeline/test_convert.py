@@ -13,7 +13,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from pipeline.config import CheckpointSpec, ConfigError, load_model_preset
+from pipeline.config import CONFIG_DIR, CheckpointSpec, ConfigError, load_model_preset
 from pipeline.models.checkpoints import load_checkpoint
 from pipeline.models.convert import diffusers_to_wan_original, wan_original_to_diffusers
 from pipeline.models.loader import load_models
@@ -277,6 +277,8 @@ def test_heads_come_from_the_table_or_an_explicit_argument():
 
 # --- the command line: streamer run --checkpoint, streamer convert --------------------------------------------------
 
+TINY_32 = ["--config", str(CONFIG_DIR / "tiny.yaml"), "--height", "32", "--width", "32"]
+
 
 def video_frames(path: Path) -> list:
     import av
@@ -295,20 +297,7 @@ def test_streamer_run_with_a_self_forcing_checkpoint_makes_the_video_of_its_weig
 
     own, _, _ = random_components(load_model_preset("tiny"))
     torch.save({"generator_ema": original_names(own)}, tmp_path / "own.pt")
-    common = [
-        "run",
-        "--config",
-        "configs/tiny.yaml",
-        "--prompt",
-        "a red fox",
-        "--seconds",
-        "0.5",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--quiet",
-    ]
+    common = ["run", *TINY_32, "--prompt", "a red fox", "--seconds", "0.5", "--quiet"]
     videos = {}
     for name, extra in (("plain", []), ("own", ["own.pt"])):
         flags = ["--checkpoint", str(tmp_path / extra[0]), "--checkpoint-format", "self-forcing"] if extra else []
@@ -322,24 +311,11 @@ def test_streamer_run_with_a_self_forcing_checkpoint_makes_the_video_of_its_weig
 
 
 def test_streamer_run_reports_a_bad_checkpoint_as_bad_input(tmp_path, capsys):
-    from pipeline.config import CONFIG_DIR
     from streamer.cli import main
 
     torch.save({"generator": {"model.patch_embedding.weight": torch.zeros(48, 16, 1, 2, 2)}}, tmp_path / "bad.pt")
     out = tmp_path / "out.mp4"
-    argv = [
-        "run",
-        "--config",
-        str(CONFIG_DIR / "tiny.yaml"),
-        "--seconds",
-        "0.5",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--out",
-        str(out),
-    ]
+    argv = ["run", *TINY_32, "--seconds", "0.5", "--out", str(out)]
     assert main([*argv, "--checkpoint", str(tmp_path / "bad.pt")]) == 2
     assert "bad.pt" in capsys.readouterr().err
     assert main([*argv, "--lora", str(tmp_path / "bad.pt")]) == 2
