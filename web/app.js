@@ -321,7 +321,8 @@
   fetch('/api/health').then((res) => res.json()).then((health) => {
     if (!Array.isArray(health.words)) return;
     const words = document.getElementById('words');
-    words.textContent = `The ${health.model} model knows these words: ${health.words.join(', ')}`;
+    words.textContent = `The ${health.model} model knows these words: ${health.words.join(', ')}. `
+      + 'It keeps drawing the objects it has drawn: after a new prompt, Hard cut starts its scene.';
     words.hidden = false;
   }).catch(() => {}).finally(() => { document.body.dataset.health = 'read'; });
 
