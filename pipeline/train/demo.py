@@ -345,6 +345,20 @@ def build(preset: ModelPreset, seed: int) -> tuple[CausalWan, FrameAutoencoder, 
     return CausalWan(transformer, text_kv_cache=False), vae, text
 
 
+def from_scratch(opts: Options, steps: int, minutes: float) -> str:
+    """One command that makes the same weights from nothing: every step is a function of the seed and the step's
+    number, and a resumed run equals an uninterrupted one, so the options that shape the steps and the step count
+    are all it needs (``--minutes`` does not bound a run given ``--steps``)."""
+    default = Options(out=opts.out, minutes=opts.minutes)
+    flags = [f"--minutes {math.ceil(minutes)}", f"--steps {steps}"]
+    for name in ("seed", "ae_steps", "pool", "batch", "context", "first_weight", "first_batch", "lr"):
+        if getattr(opts, name) != getattr(default, name):
+            flags.append(f"--{name.replace('_', '-')} {getattr(opts, name)}")
+    if opts.any_sigma:
+        flags.append("--any-sigma")
+    return f"python -m pipeline.train.demo {' '.join(flags)} --out runs/demo --export models/demo"
+
+
 def export(folder: Path, dit: CausalWan, ae: FrameAutoencoder, text: UMT5EncoderModel, meta: dict[str, Any]) -> None:
     """The shipped layout (diffusers' Wan layout, half-precision safetensors), read by the normal loader."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -361,7 +375,9 @@ def export(folder: Path, dit: CausalWan, ae: FrameAutoencoder, text: UMT5Encoder
         "diffusers' Wan layout and loads with `--config configs/demo.yaml` (the preset's default source).\n\n"
         f"Made by (from the repository root):\n\n```sh\n{commands}\n```\n\n"
         f"{meta['ae_steps']} autoencoder steps, {meta['dit_steps']} DiT steps (batch {meta['batch']}), "
-        f"{meta['minutes']} minutes in all on {meta['device']}; seed {meta['seed']}. Half-precision safetensors.\n"
+        f"{meta['minutes']} minutes in all on {meta['device']}; seed {meta['seed']}. Half-precision safetensors.\n\n"
+        "The same weights from scratch, in one command (every step is a function of the seed and the step's number;\n"
+        f"a resumed run equals an uninterrupted one):\n\n```sh\n{meta['from_scratch']}\n```\n"
     )
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -503,6 +519,7 @@ def run(opts: Options) -> dict[str, Any]:
             "minutes": round(state["seconds"] / 60, 2),
             "device": opts.device,
             "commands": state.get("commands", []),  # every run that made it (a resumed run adds its own)
+            "from_scratch": from_scratch(opts, len(losses), state["seconds"] / 60),
             "final_loss": float(np.mean(losses[-50:])) if losses else None,
         }
         export(folder, ema, ae, ema_text, meta)

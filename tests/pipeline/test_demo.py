@@ -327,14 +327,14 @@ def test_the_shipped_autoencoder_reconstructs_the_world():
 @pytest.mark.slow
 def test_the_shipped_model_holds_what_it_measured():
     """A short bench.demo_quality, held a little below what the shipped weights measured on it on a 2-core AMD
-    EPYC (colour 100 %, shape 90.5 % of 377 objects judged, none vanished), with a margin for another CPU's
-    rounding; the full run is in bench/README.md. Goes red when the weights, the sampler, the detector or the
-    engine path regress."""
+    EPYC (colour 100 %, shape 99.2 % of 362 objects judged, none vanished), with a margin for another CPU's
+    rounding (none for vanishing: issue 13 allows none); the full run is in bench/README.md. Goes red when the
+    weights, the sampler, the detector or the engine path regress."""
     report, _ = measure(CONFIG_DIR / "demo.yaml", streams=8, chunks=8, changes=0)
     assert report["background_accuracy"] >= 0.95, report
     assert report["colour_accuracy"] >= 0.95, report
-    assert report["shape_accuracy"] >= 0.85 and report["objects_judged"] >= 300, report
-    assert report["vanish_at_chunk_boundaries"] + report["vanish_inside_chunks"] <= 2, report
+    assert report["shape_accuracy"] >= 0.93 and report["objects_judged"] >= 300, report
+    assert report["vanish_at_chunk_boundaries"] + report["vanish_inside_chunks"] == 0, report["vanished"]
     assert report["frames"] == 8 * (1 + 4 * 7)
 
 
@@ -452,3 +452,17 @@ def test_teacher_forcing_is_the_clean_rule_in_one_forward():
         assert torch.allclose(velocity, out[:, frames + j : frames + j + 1], atol=1e-6, rtol=0)
         _, written = forward_one(models.dit, config, clean[0, :, j : j + 1], 0.0, text, j, context)
         context += split_frames(written, 1)
+
+
+def test_the_from_scratch_command_names_every_option_that_shapes_the_steps(tmp_path):
+    from pipeline.train.demo import Options, from_scratch
+
+    opts = Options(out=tmp_path, minutes=5.0, first_batch=16)
+    assert from_scratch(opts, 8166, 250.03) == (
+        "python -m pipeline.train.demo --minutes 251 --steps 8166 --first-batch 16 --out runs/demo --export models/demo"
+    )
+    opts = Options(out=tmp_path, minutes=5.0, seed=3, context="stream", any_sigma=True)
+    assert from_scratch(opts, 10, 1.0) == (
+        "python -m pipeline.train.demo --minutes 1 --steps 10 --seed 3 --context stream --any-sigma --out runs/demo"
+        " --export models/demo"
+    )
