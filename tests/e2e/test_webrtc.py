@@ -331,8 +331,9 @@ def test_a_client_that_vanishes_without_a_word_is_closed_and_freed():
 
 def test_the_demo_model_live_follows_the_prompt_and_its_changes():
     """The trained demo preset through the same server: the words it knows in /api/health, the frames show the
-    prompt's background and objects in their colours (read by bench.demo_quality's detector), and a prompt sent
-    live is followed."""
+    prompt's background and objects in their colours (read by bench.demo_quality's detector); a prompt sent live
+    changes the background at once, and with a cut the objects too (without one the model mostly keeps drawing
+    the objects in its window: bench/README.md)."""
     from bench.demo_quality import background_follows, detect, frame_follows
     from pipeline.train.shapes import parse_caption
 
@@ -356,6 +357,11 @@ def test_the_demo_model_live_follows_the_prompt_and_its_changes():
             reply = await client.send({"type": "prompt", "prompt": "a yellow square on grey"})
             assert reply["type"] == "ack"
             await client.frames(32)  # the chunks in flight, and the ones the new prompt takes to show
+            background, _ = following(await client.frames(16), "a yellow square on grey")
+            assert background > 0.9, background
+            reply = await client.send({"type": "cut"})
+            assert reply["type"] == "ack"
+            await client.frames(24)  # the old epoch's chunks in flight
             background, objects = following(await client.frames(16), "a yellow square on grey")
             assert background > 0.9 and objects > 0.8, (background, objects)
             await client.pc.close()
