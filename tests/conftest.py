@@ -13,6 +13,8 @@ from pipeline.stages.launch import free_port  # noqa: F401  (tests import it fro
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(CONFIG_DIR / "tiny.yaml")]  # the CLI's default is the demo model; these tests mean tiny
+TINY_32 = [*TINY, "--height", "32", "--width", "32"]  # as tiny_config(): 4x4 latents
 
 
 def run_streamer(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -13,11 +13,11 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from pipeline.config import CONFIG_DIR, CheckpointSpec, ConfigError, load_model_preset
+from pipeline.config import CheckpointSpec, ConfigError, load_model_preset
 from pipeline.models.checkpoints import load_checkpoint
 from pipeline.models.convert import diffusers_to_wan_original, wan_original_to_diffusers
 from pipeline.models.loader import load_models
-from tests.conftest import tiny_config
+from tests.conftest import TINY_32, tiny_config
 
 PEERS = Path(__file__).resolve().parents[3] / "shared" / "peers" / "sdv2"
 BUNDLE = PEERS / "ref_stream_steps2.pt"
@@ -276,8 +276,6 @@ def test_heads_come_from_the_table_or_an_explicit_argument():
 
 
 # --- the command line: streamer run --checkpoint, streamer convert --------------------------------------------------
-
-TINY_32 = ["--config", str(CONFIG_DIR / "tiny.yaml"), "--height", "32", "--width", "32"]
 
 
 def video_frames(path: Path) -> list:

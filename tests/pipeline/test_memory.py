@@ -19,7 +19,7 @@ from pipeline.memory import (
 )
 from pipeline.models.loader import load_models
 from streamer.cli import main
-from tests.conftest import open_t2v, tiny_config
+from tests.conftest import TINY, open_t2v, tiny_config
 
 
 def _kept(name: str, keep: tuple[str, ...]) -> bool:
@@ -137,10 +137,7 @@ def test_swap_and_layers_are_refused_as_not_built(offload):
 def test_cli_refuses_a_plan_that_does_not_fit_before_loading(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("streamer.run.load_models", lambda *a, **k: pytest.fail("weights loaded"))
     out = tmp_path / "out.mp4"
-    assert (
-        main(["run", "--config", str(CONFIG_DIR / "tiny.yaml"), "--out", str(out), "--memory-limit", "0.01", "--quiet"])
-        == 2
-    )
+    assert main(["run", *TINY, "--out", str(out), "--memory-limit", "0.01", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "memory plan (MiB)" in err
     assert "the memory plan does not fit: cpu needs 0.1" in err and "0.01 GiB available (biggest: " in err

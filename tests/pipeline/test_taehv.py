@@ -15,7 +15,7 @@ from pipeline.decode import tensor_to_frames
 from pipeline.engine import Engine
 from pipeline.models.loader import load_models
 from pipeline.models.taehv import MemBlock, StreamingTaehv, TGrow, random_taehv
-from tests.conftest import drain, executor, open_t2v, tiny_config
+from tests.conftest import TINY, drain, executor, open_t2v, tiny_config
 
 
 def published_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -163,22 +163,8 @@ def test_the_cli_flags_reach_the_config_and_bad_values_are_named(command, tmp_pa
     from streamer.cli import main
 
     extra = ["--out", str(tmp_path / "a.mp4")] if command == "run" else ["--port", "1"]
-    assert main([command, "--config", str(CONFIG_DIR / "tiny.yaml"), "--decoder", "tiny", *extra]) == 2
+    assert main([command, *TINY, "--decoder", "tiny", *extra]) == 2
     assert "decoder='tiny' is not allowed: one of ('wan', 'taehv')" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                command,
-                "--config",
-                str(CONFIG_DIR / "tiny.yaml"),
-                "--decoder",
-                "taehv",
-                "--decoder-path",
-                str(tmp_path / "none.pth"),
-                *extra,
-            ]
-        )
-        == 2
-    )
+    assert main([command, *TINY, "--decoder", "taehv", "--decoder-path", str(tmp_path / "none.pth"), *extra]) == 2
     assert f"decoder_path='{tmp_path / 'none.pth'}' is not allowed: an existing file" in capsys.readouterr().err
     assert not (tmp_path / "a.mp4").exists()

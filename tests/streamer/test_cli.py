@@ -16,9 +16,9 @@ import pytest
 
 from streamer.cli import main
 from streamer.egress.file import FileWriter
-from tests.conftest import ROOT, count_frames, free_port, run_streamer
+from tests.conftest import ROOT, TINY_32, count_frames, free_port, run_streamer
 
-SMALL = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--height", "32", "--width", "32"]
+SMALL = TINY_32
 
 pytestmark = pytest.mark.slow  # real subprocesses: ~5 s each to import torch and diffusers
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from streamer.ingress import InputError, LiveSource, is_live
-from tests.conftest import count_frames, run_streamer
+from tests.conftest import TINY_32, count_frames, run_streamer
 
 
 class SlowSource:
@@ -73,12 +73,7 @@ def test_v2v_from_a_live_pipe(tmp_path):
         "2",
         "--out",
         str(out),
-        "--config",
-        "configs/tiny.yaml",
-        "--height",
-        "32",
-        "--width",
-        "32",
+        *TINY_32,
         "--quiet",
         "--strength",
         "0.7",

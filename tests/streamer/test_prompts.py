@@ -9,9 +9,9 @@ import av
 import numpy as np
 import pytest
 
-from tests.conftest import run_streamer
+from tests.conftest import TINY_32, run_streamer
 
-SMALL = ["--config", "configs/tiny.yaml", "--height", "32", "--width", "32", "--quiet", "--frames", "40"]
+SMALL = [*TINY_32, "--quiet", "--frames", "40"]
 
 pytestmark = pytest.mark.slow
 

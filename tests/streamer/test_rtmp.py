@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, count_frames, free_port, run_streamer
+from tests.conftest import ROOT, TINY_32, count_frames, free_port, run_streamer
 
 RECEIVER = Path(__file__).with_name("rtmp_receiver.py")
-SMALL = ["--config", "configs/tiny.yaml", "--height", "32", "--width", "32", "--quiet"]
+SMALL = [*TINY_32, "--quiet"]
 
 pytestmark = pytest.mark.slow
 
