@@ -131,6 +131,13 @@ def frame_follows(found: dict[str, Found], spec: Spec) -> bool:
     return set(found) == {c for c, _ in spec.objects}
 
 
+def following(frames: list[np.ndarray], prompt: str) -> tuple[float, float]:
+    """Shares of ``frames`` (uint8 [H, W, 3]) with the prompt's background, and with its colours and no other."""
+    spec = parse_caption(prompt)
+    background = sum(background_follows(f, spec.background) for f in frames) / len(frames)
+    return background, sum(frame_follows(detect(f, spec.background), spec) for f in frames) / len(frames)
+
+
 @dataclass
 class Tally:
     frames: int = 0

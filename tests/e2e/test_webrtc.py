@@ -334,15 +334,10 @@ def test_the_demo_model_live_follows_the_prompt_and_its_changes():
     prompt's background and objects in their colours (read by bench.demo_quality's detector); a prompt sent live
     changes the background at once, and with a cut the objects too (without one the model mostly keeps drawing
     the objects in its window: bench/README.md)."""
-    from bench.demo_quality import background_follows, detect, frame_follows
-    from pipeline.train.shapes import parse_caption
+    from bench.demo_quality import following as following_rgb
 
     def following(frames: list[Any], prompt: str) -> tuple[float, float]:
-        """Shares of frames with the prompt's background, and with its colours and no other."""
-        spec = parse_caption(prompt)
-        rgb = [f.to_ndarray(format="rgb24") for f in frames]
-        background = sum(background_follows(f, spec.background) for f in rgb) / len(rgb)
-        return background, sum(frame_follows(detect(f, spec.background), spec) for f in rgb) / len(rgb)
+        return following_rgb([f.to_ndarray(format="rgb24") for f in frames], prompt)
 
     async def main() -> None:
         config = load_system_config(CONFIG_DIR / "demo.yaml")
