@@ -1,11 +1,12 @@
 # make demo   set up .venv and generate 5 s of video with the embedded demo model (out.mp4)
 # make test   set up .venv and run every test
+# make peers  fetch StreamDiffusionV2's source from the package registry into .cache/peers (tests do it too)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo serve test test-fast bench lint clean
+.PHONY: setup demo serve test test-fast bench peers lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+peers: setup
+	$(BIN)/python -m bench.peers.sdv2.source
 
 bench: setup
 	$(BIN)/python -m bench.engine --config configs/tiny.yaml --json bench/results/engine-tiny-cpu.json

@@ -1,8 +1,9 @@
 """Parity with StreamDiffusionV2: our engine, ``per-step`` rule, against a bundle recorded from their code.
 
-    python -m bench.parity --bundle ../shared/peers/sdv2/ref_stream_steps2.pt [--json out.json]
+    python -m bench.peers.sdv2.driver --steps 2 --save-ref bundle.pt      # record one from their code
+    python -m bench.parity --bundle bundle.pt [--json out.json]
 
-A bundle (``../shared/peers/sdv2/run_tiny.py --save-ref``; its README lists the fields) holds their
+A bundle (``bench.peers.sdv2.driver --save-ref``; bench/peers/sdv2/README.md lists the fields) holds their
 weights in the original Wan names, the text embedding, the first chunk and the following input
 chunks, every re-noise draw in call order, and the finished chunk that left each stream call.
 
@@ -69,7 +70,7 @@ def load_bundle(path: str) -> dict[str, Any]:
     fields = {"model_kwargs", "state_dict", "prompt_embeds", "first_chunk", "chunks", "denoising_step_list", "args"}
     missing = (fields | {"renoise_draws_in_order", "stream_outputs_last_slot"}) - set(bundle)
     if missing:
-        raise SystemExit(f"bench.parity: {path!r} is not a run_tiny.py --save-ref bundle (missing {sorted(missing)})")
+        raise SystemExit(f"bench.parity: {path!r} is not a bench.peers.sdv2.driver bundle (missing {sorted(missing)})")
     return bundle
 
 
@@ -208,7 +209,7 @@ def run(bundle_path: str, dtype: str = "float32") -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", required=True, help="a bundle from ../shared/peers/sdv2/run_tiny.py --save-ref")
+    p.add_argument("--bundle", required=True, help="a bundle from python -m bench.peers.sdv2.driver --save-ref")
     p.add_argument("--json", default="", help="write the result here")
     p.add_argument(
         "--tol", type=float, default=DEFAULT_TOL, help=f"largest allowed abs difference (default {DEFAULT_TOL})"

@@ -1,11 +1,12 @@
 """Our engine beside StreamDiffusionV2's stream-batch loop on the CPU: the same tiny DiT, DiT time only.
 
-    SDV2_SRC=/path/to/sdv2/src python -m bench.peer_sdv2 --json out.json [--rounds N] [--context stream]
+    python -m bench.peer_sdv2 --json out.json [--rounds N] [--context stream]
 
-The peer (github: chenfengxu714/StreamDiffusionV2) runs unmodified from its unpacked source in
-``$SDV2_SRC``, driven by ``run_tiny.py`` of ``--peer-dir`` (default ``../shared/peers/sdv2``): its own
-``CausalStreamInferencePipeline.inference_stream``, one DiT forward over T slots per call, with its
-984,256-parameter ``CausalWanModel`` (dim 128 = 4 heads x 32, ffn 256, 4 layers, text_len 512).
+The peer (github: chenfengxu714/StreamDiffusionV2) runs unmodified from its source as the package registry has
+it (``bench.peers.sdv2.source``: fetched once into ``.cache/peers``; ``$SDV2_SRC`` overrides), driven by
+``bench.peers.sdv2.driver``: its own ``CausalStreamInferencePipeline.inference_stream``, one DiT forward over
+T slots per call, with its 984,256-parameter ``CausalWanModel`` (dim 128 = 4 heads x 32, ffn 256, 4 layers,
+text_len 512).
 
 Ours runs the ``sdv2-tiny`` preset (the same architecture in diffusers' layout) through today's engine:
 ``Open``/``Demand`` via ``Engine.apply``, ``Engine.step``, the DiT timed by the engine's own
@@ -24,82 +25,39 @@ A rule the config rejects (``per-step`` before it exists) is skipped with a mess
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
+from bench.peers.sdv2.driver import Geometry, Peer, PeerStream, time_calls
+from bench.peers.sdv2.source import RegistryUnreachable, peer_source
 from pipeline.commands import Demand, Open
-from pipeline.config import REPO_ROOT, ConfigError, SystemConfig, build_system_config
+from pipeline.config import CONTEXTS, ConfigError, SystemConfig, build_system_config
 from pipeline.engine import Engine
 from pipeline.executor import local_executor
 from pipeline.models.loader import Models, load_models
 from pipeline.types import UserParams
 
 STEPS = {2: [700, 500], 4: [700, 500, 400, 200]}
-CONTEXTS = ("stream", "clean", "per-step")
 LEVERS = {"on": {}, "off": {"text_kv_cache": False, "rope_cache": False}}
-PEER_MODULE = "models/wan/causal_stream_inference.py"
 
 
-def load_peer(peer_dir: Path) -> ModuleType:
-    """``run_tiny.py`` from ``peer_dir``, importing the peer's code from ``$SDV2_SRC`` only."""
-    src = os.environ.get("SDV2_SRC")
-    if not src or not (Path(src) / PEER_MODULE).is_file():
-        sys.exit(
-            f"bench.peer_sdv2: the peer's source is not there: set SDV2_SRC to the folder holding {PEER_MODULE} "
-            f"(SDV2_SRC={src!r}; see ../shared/peers/sdv2/README.md: pip download --no-deps streamdiffusionv2, unzip)"
-        )
-    runner = peer_dir / "run_tiny.py"
-    if not runner.is_file():
-        sys.exit(f"bench.peer_sdv2: {runner} does not exist (--peer-dir: the folder of the peer's run_tiny.py)")
-    src = str(Path(src).resolve())
-    spec = importlib.util.spec_from_file_location("run_tiny", runner)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)  # puts SDV2_SRC first on sys.path and imports the peer
-    except ImportError as e:
-        sys.exit(f"bench.peer_sdv2: the peer's imports failed ({e}); it needs: pip install omegaconf einops ftfy")
-    peer_file = Path(module.cm.__file__).resolve()
-    if not peer_file.is_relative_to(src):
-        sys.exit(f"bench.peer_sdv2: the peer was imported from {peer_file}, not from SDV2_SRC={src}")
-    return module
+class PeerRun:
+    """The peer's stream-batch loop for one step count; ``run`` times each ``inference_stream`` call and calls
+    ``between()`` after each, outside the timed region."""
 
-
-class PeerStream:
-    """The peer's stream-batch loop for one step count, set up as ``run_tiny.main`` does; ``run`` times
-    each ``inference_stream`` call and calls ``between()`` after each, outside the timed region."""
-
-    def __init__(self, run_tiny: ModuleType, steps: int, threads: int) -> None:
-        self.rt = run_tiny
-        self.a = run_tiny.parse_args(["--steps", str(steps), "--modes", "stream", "--threads", str(threads)])
+    def __init__(self, peer: Peer, steps: int) -> None:
+        self.stream = PeerStream(peer, Geometry(steps=steps))
         self.steps = steps
-        torch.set_num_threads(threads)
-        self.kwargs = run_tiny.tiny_model_kwargs(self.a)
-        g = torch.Generator().manual_seed(self.a.seed + 2)
-        prompt = torch.randn(1, self.a.text_len, self.a.text_dim, generator=g)
-        run_tiny.patch_peer(self.a, self.kwargs, prompt)
 
     def run(self, warmup: int, iters: int, between: Callable[[], None]) -> dict[str, Any]:
-        torch.manual_seed(self.a.seed)
-        with contextlib.redirect_stdout(io.StringIO()):  # its fallbacks' notices
-            pipe, _ = self.rt.build_pipeline(self.a, self.steps, self.kwargs, torch.float32)
-            first, chunks = self.rt.make_inputs(self.a, warmup + iters, torch.float32)
-            _, times, _ = self.rt.run_mode(
-                pipe, self.a, "stream", first, chunks, warmup, iters, torch.float32,
-                on_call=lambda when, *_: between() if when == "post" else None,
-            )  # fmt: skip
-        ms = sorted(t * 1000 for t in times)
+        ms = sorted(t * 1000 for t in time_calls(self.stream, warmup, iters, between))
         return {
             "engine": "sdv2",
             "steps": self.steps,
@@ -107,7 +65,7 @@ class PeerStream:
             "p10_ms_per_call": ms[len(ms) // 10],
             "chunks_per_s": 1000.0 / statistics.median(ms),  # one finished chunk per call
             "slots_per_forward": self.steps,
-            "params": sum(p.numel() for p in pipe.generator.model.parameters()),
+            "params": self.stream.params,
         }
 
 
@@ -183,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=30, help="measured calls / ticks per case and round")
     parser.add_argument("--warmup", type=int, default=8, help="calls / ticks before measuring")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, both engines")
-    parser.add_argument("--peer-dir", default=str(REPO_ROOT.parent / "shared" / "peers" / "sdv2"))
     args = parser.parse_args(argv)
     contexts = [c for c in args.context.split(",") if c]
     steps_list = [int(s) for s in args.steps.split(",") if s]
@@ -196,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         if not values or any(v not in allowed for v in values):
             parser.error(f"--{name}={values} is not allowed: a comma list of {list(allowed)}")
 
-    run_tiny = load_peer(Path(args.peer_dir))
+    try:
+        peer = Peer(peer_source())
+    except (RegistryUnreachable, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"bench.peer_sdv2: the peer's source: {e}")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
@@ -221,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
         for steps in steps_list:
-            peer_stream = PeerStream(run_tiny, steps, args.threads)
+            peer_run = PeerRun(peer, steps)
             mine = {key: OurStream(*case, args.warmup + args.iters) for key, case in cases.items() if key[1] == steps}
             calls = 0
 
@@ -233,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                         ours.measure_from_here()
                     ours.tick()
 
-            peer = peer_stream.run(args.warmup, args.iters, between) | {"round": round_}
-            rows.append(peer)
-            line = [f"round {round_ + 1} steps {steps}: sdv2 {peer['chunks_per_s']:.1f} chunks/s"]
+            theirs = peer_run.run(args.warmup, args.iters, between) | {"round": round_}
+            rows.append(theirs)
+            line = [f"round {round_ + 1} steps {steps}: sdv2 {theirs['chunks_per_s']:.1f} chunks/s"]
             for (context, _, lever), ours in mine.items():
                 row = ours.result() | {"round": round_, "levers": lever}
-                row["ratio_over_peer"] = row["chunks_per_s"] / peer["chunks_per_s"]
-                row["ratio_over_peer_p10"] = (row["chunks_per_tick"] / row["p10_dit_ms_per_tick"]) * peer[
+                row["ratio_over_peer"] = row["chunks_per_s"] / theirs["chunks_per_s"]
+                row["ratio_over_peer_p10"] = (row["chunks_per_tick"] / row["p10_dit_ms_per_tick"]) * theirs[
                     "p10_ms_per_call"
                 ]
                 rows.append(row)

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,59 @@ def with_layers(config: SystemConfig, layers: int) -> SystemConfig:
     """The same config with a transformer of ``layers`` blocks (seeded weights), so that it splits into stages."""
     model = dataclasses.replace(config.model, transformer={**config.model.transformer, "num_layers": layers})
     return dataclasses.replace(config, model=model)
+
+
+@pytest.fixture(scope="session")
+def sdv2_src() -> Path:
+    """StreamDiffusionV2's own source: ``$SDV2_SRC``, else the package registry's wheel, checked against its
+    sha256 and unpacked once into the repository's ignored ``.cache/peers`` (``make peers``)."""
+    from bench.peers.sdv2.source import RegistryUnreachable, peer_source
+
+    try:
+        return peer_source()
+    except RegistryUnreachable as e:
+        pytest.skip(f"registry unreachable: {e}")
+
+
+def record_sdv2(src: Path, where: Path, *args: str, timeout: float = 600) -> None:
+    """Bundles recorded by the peer's own loop (``python -m bench.peers.sdv2.driver ARGS --save-ref WHERE``),
+    in a process of its own: their modules and warnings stay out of the tests."""
+    cmd = [sys.executable, "-m", "bench.peers.sdv2.driver", *args, "--save-ref", str(where)]
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=dict(os.environ, SDV2_SRC=str(src)), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="session")
+def sdv2_bundles(sdv2_src, tmp_path_factory) -> dict[int, Path]:
+    """Reference bundles of 2, 3 and 4 steps (their v2v geometry, seed 0, 12 stream calls), recorded here."""
+    where = tmp_path_factory.mktemp("sdv2-bundles")
+    record_sdv2(sdv2_src, where / "steps{steps}.pt", "--steps", "2,3,4")
+    return {steps: where / f"steps{steps}.pt" for steps in (2, 3, 4)}
+
+
+@pytest.fixture(scope="session")
+def wan_module(sdv2_src):
+    """A module of Wan2.1's own code (StreamDiffusionV2's copy: ``model``, ``vae``, ``t5``), imported under a
+    private package name without the package ``__init__`` (its tokenizer needs ``ftfy`` and a download)."""
+    import importlib
+    import types
+
+    from bench.peers.sdv2.source import WAN_MODULES
+
+    pkg = "_sdv2_wan_modules"
+    if pkg not in sys.modules:
+        package = types.ModuleType(pkg)
+        package.__path__ = [str(sdv2_src / WAN_MODULES)]
+        sys.modules[pkg] = package
+    if f"{pkg}.tokenizers" not in sys.modules:  # t5.py imports it; the tokenizer is not under test
+        stub = types.ModuleType(f"{pkg}.tokenizers")
+        stub.HuggingfaceTokenizer = object  # type: ignore[attr-defined]
+        sys.modules[f"{pkg}.tokenizers"] = stub
+    sys.dont_write_bytecode = True  # leave the peer's folder as it was unpacked
+
+    def load(name: str) -> types.ModuleType:
+        return importlib.import_module(f"{pkg}.{name}")
+
+    return load

@@ -2,7 +2,7 @@
 
     python -m bench.soak --json out.json --plot out.png            # the long run (~20 minutes on 2 cores)
     python -m bench.soak --short --height 32 --width 32             # the test-sized run (~3 minutes)
-    python -m bench.soak --only fuzz,offers --server-root /tmp/old  # some scenarios, against another checkout
+    python -m bench.soak --only fuzz,offers --server-root ../old  # some scenarios, against another checkout
 
 The server under test is ``python -m streamer serve`` in a process of its own (``server``), on
 127.0.0.1 and a free port, started afresh for each scenario and watched from outside: its RSS,

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -61,7 +62,7 @@ def server_info(spec: ServerSpec, flagged: bool) -> dict[str, Any]:
     config = yaml.safe_load((spec.root / spec.config).read_text())
     height, width = spec.size or (config["height"], config["width"])
     return {
-        "root": str(spec.root),
+        "root": os.path.relpath(spec.root, ROOT) if spec.root.is_relative_to(ROOT) else "another checkout (git_commit)",
         **{f"git_{k}": v for k, v in git(spec.root).items()},
         "config": spec.config,
         "size": f"{width}x{height}",

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -19,33 +15,15 @@ from pipeline.models.convert import diffusers_to_wan_original, wan_original_to_d
 from pipeline.models.loader import load_models
 from tests.conftest import TINY_32, tiny_config
 
-PEERS = Path(__file__).resolve().parents[3] / "shared" / "peers" / "sdv2"
-BUNDLE = PEERS / "ref_stream_steps2.pt"
-SDV2_SRC = Path(os.environ.get("SDV2_SRC", "/work/sdv2/src"))
-WAN_MODULES = SDV2_SRC / "models" / "wan" / "wan_base" / "modules"
 
-needs_bundle = pytest.mark.skipif(not BUNDLE.is_file(), reason=f"recorded peer bundle {BUNDLE} absent")
-
-
-def bundle() -> dict:
-    return torch.load(BUNDLE, weights_only=False)
+@pytest.fixture
+def bundle(sdv2_bundles) -> dict:
+    """A 2-step bundle of StreamDiffusionV2's own stream loop (tests/conftest.py): their weights, their names."""
+    return torch.load(sdv2_bundles[2], weights_only=False)
 
 
-def peer_wan_module() -> types.ModuleType:
-    """StreamDiffusionV2's copy of Wan2.1's ``model.py`` (its bidirectional ``WanModel``), imported
-    without the package ``__init__`` (which pulls in the T5 tokenizer's dependencies)."""
-    name = "_sdv2_wan_modules"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(WAN_MODULES)]
-        sys.modules[name] = pkg
-    sys.dont_write_bytecode = True  # leave the peer's snapshot as it is
-    return importlib.import_module(f"{name}.model")
-
-
-@needs_bundle
-def test_recorded_causal_wan_loads_strictly_into_diffusers():
-    b = bundle()
+def test_recorded_causal_wan_loads_strictly_into_diffusers(bundle):
+    b = bundle
     config, sd = wan_original_to_diffusers(
         b["state_dict"], "ref_stream_steps2.pt", heads=b["model_kwargs"]["num_heads"]
     )
@@ -68,15 +46,13 @@ def test_recorded_causal_wan_loads_strictly_into_diffusers():
     assert all(torch.equal(back[k], v) for k, v in b["state_dict"].items())
 
 
-@needs_bundle
 @pytest.mark.filterwarnings("ignore:flash_attn is not installed")  # the peer's CPU attention path
-@pytest.mark.skipif(not (WAN_MODULES / "model.py").is_file(), reason=f"StreamDiffusionV2 source absent ({SDV2_SRC})")
-def test_converted_weights_compute_what_the_original_wan_model_computes():
+def test_converted_weights_compute_what_the_original_wan_model_computes(bundle, wan_module):
     """A full (bidirectional) forward of the converted diffusers model equals the peer's own Wan2.1
     ``WanModel`` holding the original weights, on the same latents, timestep and text."""
-    b = bundle()
+    b = bundle
     kw = {k: v for k, v in b["model_kwargs"].items()}
-    wm = peer_wan_module()
+    wm = wan_module("model")
     original = wm.WanModel(**kw).eval()
     original.load_state_dict(b["state_dict"], strict=True)
     config, sd = wan_original_to_diffusers(b["state_dict"], "ref_stream_steps2.pt", heads=kw["num_heads"])

@@ -1,18 +1,13 @@
 """The per-step rule (pipeline/perstep.py): StreamDiffusionV2's system, exactly.
 
-Parity runs our engine against bundles recorded from their own code: the shared one, and bundles this
-test records with their harness (other seeds, steps, sizes, RoPE refresh, adaptive sink), which needs
-their source (``pip download --no-deps streamdiffusionv2``, a package registry). The pieces both sides
-could share a bug in (the σ table, positions, the cache's eviction) are pinned with fixed values.
+Parity runs our engine against bundles the tests record from their own stream loop (bench/peers/sdv2: 2, 3
+and 4 steps, and other seeds, sizes, RoPE refresh and adaptive sink), from their source as the package
+registry has it (``pip download --no-deps streamdiffusionv2==0.1.1``, cached in ``.cache/peers``). The pieces
+both sides could share a bug in (the σ table, positions, the cache's eviction, each slot's σ) are pinned
+with fixed values.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,11 +20,7 @@ from pipeline.executor import local_executor
 from pipeline.models.loader import load_models
 from pipeline.perstep import StepCaches, rope_position
 from pipeline.sampling import table_sigma
-from tests.conftest import ROOT, drain, open_t2v, tiny_config
-
-SHARED = ROOT.parent / "shared" / "peers" / "sdv2"
-BUNDLE = SHARED / "ref_stream_steps2.pt"
-PEER_VERSION = "0.1.1"
+from tests.conftest import drain, open_t2v, record_sdv2, tiny_config
 
 
 def per_step(**changes):
@@ -146,6 +137,46 @@ def test_first_chunk_then_one_per_tick_without_write_slots():
     assert engine.stats.slots == t + 6 * t + t * (t - 1) // 2  # phantoms: levels 1..T-1, climbing
 
 
+class Recording:
+    """The local executor, recording what each micro-batch is given: (chunk, step, σ) per slot."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.ticks: dict[int, list[tuple[int, int, float]]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def submit(self, mb, act):
+        given = [(s.envelope.chunk_index, s.step, float(x)) for s, x in zip(mb.slots, act.sigma, strict=True)]
+        self.ticks.setdefault(mb.tick, []).extend(given)
+        self.inner.submit(mb, act)
+
+
+def test_every_slot_gets_the_sigma_of_its_level():
+    """Pinned by hand from their stream batch: slot i of a call is at level i with σ of timestep i, the first
+    chunk runs its levels alone, and the phantoms of zeros enter levels 1..T-1 with those levels' σ."""
+    s0, s1, s2 = 0.7002323865890503, 0.49971863627433777, 0.3006632328033447  # table σ of 700, 500, 300
+    cfg = per_step()
+    models = load_models(cfg)
+    recording = Recording(local_executor(cfg, models))
+    engine = Engine(cfg, models, recording)
+    open_t2v(engine, 4)
+    drain(engine)
+    engine.close()
+    got = {tick: sorted(slots) for tick, slots in recording.ticks.items()}
+    assert got == {
+        0: [(0, 0, pytest.approx(s0))],
+        1: [(0, 1, pytest.approx(s1))],
+        2: [(0, 2, pytest.approx(s2))],
+        3: [(-2, 2, pytest.approx(s2)), (-1, 1, pytest.approx(s1)), (1, 0, pytest.approx(s0))],
+        4: [(-1, 2, pytest.approx(s2)), (1, 1, pytest.approx(s1)), (2, 0, pytest.approx(s0))],
+        5: [(1, 2, pytest.approx(s2)), (2, 1, pytest.approx(s1)), (3, 0, pytest.approx(s0))],
+        6: [(2, 2, pytest.approx(s2)), (3, 1, pytest.approx(s1))],
+        7: [(3, 2, pytest.approx(s2))],
+    }
+
+
 def test_sessions_batched_together_equal_each_alone():
     cfg = per_step(max_sessions=3)
     together, _ = run(cfg, sessions=3, chunks=6)
@@ -171,21 +202,15 @@ def test_cut_starts_the_epoch_over_with_its_own_first_chunk():
 # ---- parity with their code -----------------------------------------------------------------------
 
 
-def need_bundle() -> Path:
-    if not BUNDLE.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"the shared StreamDiffusionV2 bundle is missing: {BUNDLE}")
-        pytest.skip(f"no shared bundle at {BUNDLE}")
-    return BUNDLE
-
-
-def test_parity_with_the_shared_bundle():
-    result = parity.run(str(need_bundle()))
-    assert result["compared_chunks"] == 11
+@pytest.mark.parametrize("steps", [2, 3, 4])
+def test_parity_with_bundles_of_their_stream_loop(sdv2_bundles, steps):
+    result = parity.run(str(sdv2_bundles[steps]))
+    assert result["compared_chunks"] == 12 - (steps - 1)  # their first T-1 calls return the pipeline fill
+    assert result["sigmas"] == [table_sigma(t, 8.0) for t in (700, 500, 400, 200)[:steps]]
     assert result["max_abs_diff"] < 1e-4, result["per_chunk"]
 
 
-def test_parity_fails_when_the_rule_is_broken(monkeypatch):
+def test_parity_fails_when_the_rule_is_broken(sdv2_bundles, monkeypatch):
     """The comparison can fail: without the adaptive sink's queue entry, outputs move apart."""
     original = StepCaches.write
 
@@ -197,33 +222,8 @@ def test_parity_fails_when_the_rule_is_broken(monkeypatch):
             self.adaptive_sink = saved
 
     monkeypatch.setattr(StepCaches, "write", no_adaptive)
-    result = parity.run(str(need_bundle()))
+    result = parity.run(str(sdv2_bundles[2]))
     assert result["max_abs_diff"] > 1e-3
-
-
-@pytest.fixture(scope="session")
-def peer_source(tmp_path_factory) -> Path:
-    """StreamDiffusionV2's own code, from the package registry (read, run, never imported by the project)."""
-    where = tmp_path_factory.mktemp("sdv2")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            f"streamdiffusionv2=={PEER_VERSION}",
-            "-d",
-            where,
-        ],
-        check=True,
-        timeout=300,
-    )
-    (wheel,) = where.glob("*.whl")
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(where / "src")
-    return where / "src"
 
 
 @pytest.mark.slow
@@ -235,30 +235,14 @@ def peer_source(tmp_path_factory) -> Path:
         # 3 steps at 256x256 (4x the tokens), refresh at 8
         ["--steps", "3", "--seed", "1", "--height", "256", "--width", "256", "--t-refresh", "8"],
         # a smaller cache and sink, no adaptive sink
-        [
-            "--steps",
-            "2",
-            "--seed",
-            "7",
-            "--num-kv-cache",
-            "5",
-            "--sink",
-            "2",
-            "--adapt-sink-thr",
-            "-1",
-            "--t-refresh",
-            "7",
-        ],
+        ["--steps", "2", "--seed", "7", "--num-kv-cache", "5", "--sink", "2", "--adapt-sink-thr", "-1",
+         "--t-refresh", "7"],
     ],
     ids=["steps4-refresh9", "steps3-256px", "kv5-sink2"],
-)
-def test_parity_with_bundles_recorded_here(peer_source, tmp_path, args):
-    if not (SHARED / "run_tiny.py").exists():
-        pytest.fail(f"the peer harness is missing: {SHARED / 'run_tiny.py'}")
+)  # fmt: skip
+def test_parity_with_other_geometries_of_theirs(sdv2_src, tmp_path, args):
     bundle = tmp_path / "bundle.pt"
-    env = dict(os.environ, SDV2_SRC=str(peer_source))
-    cmd = [sys.executable, str(SHARED / "run_tiny.py"), "--modes", "stream", "--warmup", "1", "--iters", "1"]
-    subprocess.run([*cmd, *args, "--save-ref", str(bundle)], check=True, env=env, cwd=tmp_path, timeout=600)
+    record_sdv2(sdv2_src, bundle, *args)
     result = parity.run(str(bundle))
     assert result["compared_chunks"] >= 9
     assert result["max_abs_diff"] < 1e-4, result["per_chunk"]

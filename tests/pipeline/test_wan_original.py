@@ -1,13 +1,9 @@
 """Wan2.1's own VAE and T5 files read into diffusers / transformers: every key, and the same numbers as
-Wan's own modules (StreamDiffusionV2's copy of them, when its source is on this machine)."""
+Wan's own modules (StreamDiffusionV2's copy of them, from the package registry)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -18,25 +14,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 from pipeline.config import ConfigError, load_model_preset
 from pipeline.models.wan_original import t5_original_to_transformers, vae_original_to_diffusers
 
-SDV2_SRC = Path(os.environ.get("SDV2_SRC", "/work/sdv2/src"))
-WAN_MODULES = SDV2_SRC / "models" / "wan" / "wan_base" / "modules"
-needs_peer = pytest.mark.skipif(not (WAN_MODULES / "vae.py").is_file(), reason=f"Wan source absent ({SDV2_SRC})")
 TINY = load_model_preset("tiny")
-
-
-def wan_module(name: str) -> types.ModuleType:
-    """A module of Wan's own code, without the package ``__init__`` (its tokenizer needs ``ftfy``)."""
-    pkg = "_sdv2_wan_modules"
-    if pkg not in sys.modules:
-        package = types.ModuleType(pkg)
-        package.__path__ = [str(WAN_MODULES)]
-        sys.modules[pkg] = package
-    if f"{pkg}.tokenizers" not in sys.modules:  # t5.py imports it; the tokenizer is not under test
-        stub = types.ModuleType(f"{pkg}.tokenizers")
-        stub.HuggingfaceTokenizer = object  # type: ignore[attr-defined]
-        sys.modules[f"{pkg}.tokenizers"] = stub
-    sys.dont_write_bytecode = True
-    return importlib.import_module(f"{pkg}.{name}")
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -50,8 +28,7 @@ def diffusers_vae() -> AutoencoderKLWan:
     return AutoencoderKLWan(**TINY.vae).eval()
 
 
-@needs_peer
-def test_wan_vae_file_loads_strictly_and_decodes_and_encodes_the_same():
+def test_wan_vae_file_loads_strictly_and_decodes_and_encodes_the_same(wan_module):
     v = TINY.vae
     original = (
         wan_module("vae")
@@ -91,8 +68,7 @@ def test_vae_mapping_covers_diffusers_keys_both_ways():
     assert "decoder.up_blocks.3.resnets.1.conv2.weight" in keys  # the layout the mapping writes
 
 
-@needs_peer
-def test_wan_t5_file_loads_strictly_and_encodes_the_same():
+def test_wan_t5_file_loads_strictly_and_encodes_the_same(wan_module):
     t = TINY.text_encoder
     original = (
         wan_module("t5")
@@ -127,8 +103,7 @@ def test_t5_unknown_key_names_file_and_key():
         t5_original_to_transformers({"blocks.0.attn.rel.weight": torch.zeros(1)}, "t5.pth")
 
 
-@needs_peer
-def test_the_released_vae_and_t5_shapes_map_onto_the_wan_preset():
+def test_the_released_vae_and_t5_shapes_map_onto_the_wan_preset(wan_module):
     """Wan2.1's real VAE and UMT5-XXL architectures (on the meta device: no memory): every key maps
     to a key of the preset's diffusers / transformers model, with its shape."""
     preset = load_model_preset("wan2.1-1.3b")
