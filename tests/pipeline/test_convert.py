@@ -10,7 +10,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from pipeline.config import CheckpointSpec, ConfigError, load_model_preset
-from pipeline.models.checkpoints import load_checkpoint
+from pipeline.models.checkpoints import load_checkpoint, merge_lora
 from pipeline.models.convert import diffusers_to_wan_original, wan_original_to_diffusers
 from pipeline.models.loader import load_models
 from tests.conftest import TINY_32, tiny_config
@@ -192,6 +192,33 @@ def test_lora_merge_equals_base_plus_scale_b_a(tmp_path):
     )
     torch.testing.assert_close(got["blocks.0.attn1.to_q.weight"], model.blocks[0].attn1.to_q.weight + scale * (b @ a))
     assert torch.equal(got["blocks.0.attn1.to_k.weight"], model.blocks[0].attn1.to_k.weight)  # not adapted
+
+
+def test_lora_alpha_other_than_its_rank_scales_the_update(tmp_path):
+    """merged W = W + scale * (alpha / rank) * B @ A, with alpha read from the file (here 2 for rank 4)."""
+    model = tiny_transformer()
+    base = write(tmp_path, "longlive", model)
+    lora = peft_lora(model, rank=4)
+    for name in ("blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.1.ffn.0"):
+        lora[f"base_model.model.{name}.alpha"] = torch.tensor(2.0)
+    torch.save({"generator_lora": lora}, tmp_path / "lora.pt")
+    spec = CheckpointSpec(str(base), "longlive", lora=str(tmp_path / "lora.pt"), lora_scale=0.5)
+    got = loaded(tiny_config(checkpoint=spec))
+    a, b = lora["base_model.model.blocks.1.ffn.0.lora_A.weight"], lora["base_model.model.blocks.1.ffn.0.lora_B.weight"]
+    want = model.blocks[1].ffn.net[0].proj.weight + 0.5 * (2.0 / 4) * (b @ a)
+    torch.testing.assert_close(got["blocks.1.ffn.net.0.proj.weight"], want)
+
+
+def test_lora_merge_of_fixed_numbers(tmp_path):
+    """One adapter by hand: W 0, A [[1, 0, 2]], B [[1], [3]] (rank 1), alpha 4, scale 0.5: W + 2 * B @ A."""
+    lora = {
+        "m.lora_A.weight": torch.tensor([[1.0, 0.0, 2.0]]),
+        "m.lora_B.weight": torch.tensor([[1.0], [3.0]]),
+        "m.alpha": torch.tensor(4.0),
+    }
+    save_file(lora, tmp_path / "one.safetensors")
+    merged = merge_lora({"m.weight": torch.zeros(2, 3)}, str(tmp_path / "one.safetensors"), 0.5)
+    assert merged["m.weight"].tolist() == [[2.0, 0.0, 4.0], [6.0, 0.0, 12.0]]
 
 
 def test_lora_errors_name_file_and_key(tmp_path):

@@ -11,6 +11,7 @@ from pipeline.engine import Engine
 from pipeline.memory import (
     DIT_FP32_MODULES,
     UMT5_FP32_MODULES,
+    dit_activation_bytes,
     dit_params,
     kv_bytes_per_session,
     kv_copies,
@@ -161,3 +162,15 @@ def test_memory_plan_prints_the_table_and_exits(capsys, monkeypatch):
     assert "KV windows                        5.36" in capsys.readouterr().out
     assert main([*serve, "--memory-limit", "8"]) == 2
     assert "cuda needs 26.35 GiB, 8.00 GiB available (biggest: text encoder 12.46" in capsys.readouterr().err
+
+
+def test_the_activation_estimate_is_its_formula_in_numbers():
+    """dit_activation_bytes by hand for tiny at 32x32: L = 4 own tokens (a 4x4 latent in 2x2 patches), Lc = 28
+    (sink 1 + window 6 frames), E = 48 (2 heads x 24), F = 96, Lt = 32, H = 2."""
+    # stream, 4 steps, 4 sessions: B = 4 x 5 = 20 slots; on a CPU the attention weights count, float32
+    n = 20 * 4 * (6 * 48 + 2 * 96) + 2 * 20 * (28 + 4) * 48 + 3 * 20 * 32 * 48 + 20 * 2 * 4 * (28 + 4)
+    assert n == 197_120
+    assert dit_activation_bytes(tiny_config()) == 4 * n
+    # clean: one slot per session (B = 4); on a GPU no attention weights; bfloat16
+    n = 4 * 4 * (6 * 48 + 2 * 96) + 2 * 4 * (28 + 4) * 48 + 3 * 4 * 32 * 48
+    assert dit_activation_bytes(tiny_config(context="clean", device="cuda", dtype="bfloat16")) == 2 * n == 76_800

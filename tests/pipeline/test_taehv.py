@@ -14,7 +14,7 @@ from pipeline.config import CONFIG_DIR, ConfigError, load_system_config, replace
 from pipeline.decode import tensor_to_frames
 from pipeline.engine import Engine
 from pipeline.models.loader import load_models
-from pipeline.models.taehv import MemBlock, StreamingTaehv, TGrow, random_taehv
+from pipeline.models.taehv import MemBlock, StreamingTaehv, TGrow, load_taehv, random_taehv
 from tests.conftest import TINY, drain, executor, open_t2v, tiny_config
 
 
@@ -121,6 +121,25 @@ def test_missing_extra_and_misshapen_keys_are_named(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"junk\.pth.*not a readable TAEHV weights file"):
         load_models(tiny_config(decoder="taehv", decoder_path=str(tmp_path / "junk.pth")))
+
+
+@pytest.mark.parametrize("wider", [2, 4])
+def test_a_wider_tgrow_keeps_its_last_channel_group(tmp_path, wider):
+    """A checkpoint trained with more time upscaling stores a decoder TGrow with ``wider`` x its output channels;
+    the reference implementation keeps the last group (the frames nearest the next latent frame)."""
+    sd = published_state_dict()
+    grows = [i for i, block in enumerate(random_taehv(0).decoder) if isinstance(block, TGrow)]
+    assert grows, "the decoder has TGrow blocks"
+    expected = {}
+    for i in grows:
+        key = f"decoder.{i}.conv.weight"
+        groups = [torch.full_like(sd[key], float(g + 1)) for g in range(wider)]  # group g holds the value g + 1
+        sd[key] = torch.cat(groups)
+        expected[i] = groups[-1]
+    model = load_taehv(save(tmp_path, sd))
+    for i in grows:
+        assert torch.equal(model.decoder[i].conv.weight, expected[i]), i
+        assert model.decoder[i].conv.weight.unique().tolist() == [float(wider)]
 
 
 def test_decoder_settings_are_checked_by_name(tmp_path):
