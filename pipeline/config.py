@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 
 from pipeline.models.attention import BACKENDS, FLASH_MODULES, backend_installed
 from pipeline.sampling import PREDICTIONS, sigmas_from_timesteps, table_sigma
+from pipeline.types import shown, within
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -29,6 +29,12 @@ MODEL_DIR = CONFIG_DIR / "models"
 VAE_TEMPORAL_FACTOR = 4
 VAE_SPATIAL_FACTOR = 8
 
+# The largest values the numeric fields take (a value past them is an error naming it, never a float overflow).
+MAX_SHIFT = 100.0  # flow shift: Wan uses 3 to 12
+MAX_FPS = 240
+MAX_SIZE = 4096  # pixels of height and width
+MAX_SESSIONS = 1024
+MAX_FRAMES = 1 << 20  # latent frames of a chunk, a sink, a window, a refresh period
 
 SAMPLERS = ("flow", "euler")
 
@@ -41,7 +47,7 @@ class ConfigError(ValueError):
 
 
 def _fail(where: str, field: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{where}: {field}={value!r} is not allowed: {allowed}")
+    return ConfigError(f"{where}: {field}={shown(value)} is not allowed: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,8 @@ class CheckpointSpec:
     def __post_init__(self) -> None:
         if self.format not in CHECKPOINT_FORMATS:
             raise _fail("checkpoint", "format", self.format, f"one of {CHECKPOINT_FORMATS}")
-        if not math.isfinite(self.lora_scale):
-            raise _fail("checkpoint", "lora_scale", self.lora_scale, "a finite number")
+        if not within(self.lora_scale, -1000, 1000):
+            raise _fail("checkpoint", "lora_scale", self.lora_scale, "a number from -1000 to 1000")
         if self.lora_scale != 1.0 and self.lora is None:
             raise _fail("checkpoint", "lora_scale", self.lora_scale, "1.0 without a LoRA file (--lora)")
 
@@ -259,9 +265,9 @@ def _check_keys(where: str, data: dict[str, Any], allowed: set[str], required: s
 def _timesteps(where: str, value: Any) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _fail(where, "timesteps", value, "a non-empty list of numbers in (0, 1000]")
-    ts = tuple(float(t) for t in value)
-    if any(not 0 < t <= 1000 for t in ts):
+    if not all(within(t, 0, 1000, low_open=True) for t in value):
         raise _fail(where, "timesteps", value, "every timestep in (0, 1000]; zero is the clean end, not a step")
+    ts = tuple(float(t) for t in value)
     if any(a <= b for a, b in itertools.pairwise(ts)):
         raise _fail(where, "timesteps", value, "strictly decreasing (noisiest first)")
     return ts
@@ -298,8 +304,7 @@ def load_model_preset(name: str) -> ModelPreset:
     head_dim = t.get("attention_head_dim")
     if not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
         raise _fail(where, "transformer.attention_head_dim", head_dim, "an even integer >= 6 (RoPE splits it t/h/w)")
-    if float(data["shift"]) <= 0:
-        raise _fail(where, "shift", data["shift"], "a positive number")
+    _check_preset_numbers(where, data)
     if data.get("sampler", "flow") not in SAMPLERS:
         raise _fail(where, "sampler", data.get("sampler"), f"one of {SAMPLERS}")
     if data.get("prediction", "velocity") not in PREDICTIONS:
@@ -323,6 +328,18 @@ def load_model_preset(name: str) -> ModelPreset:
     )
 
 
+def _check_preset_numbers(where: str, data: dict[str, Any]) -> None:
+    """A preset's shift, fps, text length and weight seed: in range, checked before any is converted."""
+    if not within(data["shift"], 0, MAX_SHIFT, low_open=True):
+        raise _fail(where, "shift", data["shift"], f"a number in (0, {MAX_SHIFT:g}]")
+    if not within(data["fps"], 1, MAX_FPS, integer=True):
+        raise _fail(where, "fps", data["fps"], f"an integer from 1 to {MAX_FPS}")
+    if not within(data.get("text_len", 1), 1, 4096, integer=True):
+        raise _fail(where, "text_len", data.get("text_len"), "an integer from 1 to 4096")
+    if not within(data.get("seed", 0), 0, 2**63, integer=True, high_open=True):
+        raise _fail(where, "seed", data.get("seed"), "an integer in [0, 2**63)")
+
+
 # The passthrough "VAE" packs 4 frames x 8x8 pixels x 3 colours of a latent pixel into channels.
 PASSTHROUGH_CHANNELS = 3 * VAE_TEMPORAL_FACTOR * VAE_SPATIAL_FACTOR * VAE_SPATIAL_FACTOR
 
@@ -333,6 +350,7 @@ def _passthrough_preset(name: str, data: dict[str, Any], where: str) -> ModelPre
     _check_keys(where, data, allowed, allowed)
     if data["name"] != name:
         raise _fail(where, "name", data["name"], f"the file's own name {name!r}")
+    _check_preset_numbers(where, data)
     return ModelPreset(
         name=name,
         kind="passthrough",
@@ -411,13 +429,14 @@ def build_system_config(
     if dtype not in DTYPES:
         raise _fail(where, "dtype", dtype, f"one of {DTYPES}")
 
-    def positive_int(field: str, default: int | None = None, minimum: int = 1) -> int:
+    def positive_int(field: str, default: int | None = None, minimum: int = 1, maximum: int = MAX_FRAMES) -> int:
         value = data.get(field, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise _fail(where, field, value, f"an integer >= {minimum}")
+        if not within(value, minimum, maximum, integer=True):
+            raise _fail(where, field, value, f"an integer from {minimum} to {maximum}")
+        assert isinstance(value, int)
         return value
 
-    height, width = positive_int("height"), positive_int("width")
+    height, width = positive_int("height", maximum=MAX_SIZE), positive_int("width", maximum=MAX_SIZE)
     _, ph, pw = preset.patch_size
     for field, value, p in (("height", height, ph), ("width", width, pw)):
         factor = VAE_SPATIAL_FACTOR * p
@@ -431,9 +450,9 @@ def build_system_config(
     window = positive_int("window_frames", 8 * chunk_frames)
     if window < chunk_frames:
         raise _fail(where, "window_frames", window, f"at least chunk_frames ({chunk_frames})")
-    max_sessions = positive_int("max_sessions", 4)
+    max_sessions = positive_int("max_sessions", 4, maximum=MAX_SESSIONS)
     timesteps = _timesteps(where, data["timesteps"]) if data.get("timesteps") is not None else preset.timesteps
-    fps = positive_int("fps", preset.fps)
+    fps = positive_int("fps", preset.fps, maximum=MAX_FPS)
     decode_phase = str(data.get("decode_phase", "auto"))
     if decode_phase not in DECODE_PHASES:
         raise _fail(where, "decode_phase", decode_phase, f"one of {DECODE_PHASES}")
@@ -460,7 +479,7 @@ def build_system_config(
             "sink_frames + window_frames must hold the first chunk and one more (the per-step cache is that size)",
         )
     adaptive = data.get("adaptive_sink", -1.0)
-    if isinstance(adaptive, bool) or not isinstance(adaptive, (int, float)) or not -1.0 <= adaptive <= 1.0:
+    if not within(adaptive, -1, 1):
         raise _fail(where, "adaptive_sink", adaptive, "a cosine similarity in [-1, 1] (-1: never replace a sink frame)")
     if adaptive > -1 and context != "per-step":
         raise _fail(where, "adaptive_sink", adaptive, "-1 unless context is per-step")
@@ -473,8 +492,8 @@ def build_system_config(
     if timestep_rule not in TIMESTEP_RULES:
         raise _fail(where, "timestep_rule", timestep_rule, f"one of {TIMESTEP_RULES}")
     shift = data.get("shift", 0.0)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift < 0:
-        raise _fail(where, "shift", shift, "a positive number (0: the model's)")
+    if not within(shift, 0, MAX_SHIFT):
+        raise _fail(where, "shift", shift, f"a number from 0 to {MAX_SHIFT:g} (0: the model's)")
     text_encoder_device = str(data.get("text_encoder_device") or "")
     if text_encoder_device not in ("", "cpu", device):
         raise _fail(where, "text_encoder_device", text_encoder_device, f"'cpu' or the DiT's device ({device!r})")

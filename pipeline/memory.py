@@ -23,12 +23,12 @@ on a GPU; every stage process loads every component (only the first encodes, onl
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import SystemConfig
+from pipeline.types import shown, within
 
 GIB = 1 << 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -479,6 +479,9 @@ def host_available(meminfo: str = "/proc/meminfo") -> int | None:
         return None
 
 
+MAX_MEMORY_GIB = 1e6
+
+
 def check_limit(limit_gib: float | None) -> None:
-    if limit_gib is not None and not (math.isfinite(limit_gib) and limit_gib > 0):
-        raise ValueError(f"--memory-limit={limit_gib} is not allowed: a finite number of GiB more than 0")
+    if limit_gib is not None and not within(limit_gib, 0, MAX_MEMORY_GIB, low_open=True):
+        raise ValueError(f"--memory-limit={shown(limit_gib)} is not allowed: a number of GiB more than 0, at most 1e6")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,35 @@ import numpy as np
 PTS_CLOCK = 90_000  # pts ticks per second (the RTP video clock)
 
 MAX_PROMPT_CHARS = 2000
+SHOWN_CHARS = 40  # an error message shows at most this much of a value
+
+
+def shown(value: Any) -> str:
+    """A value as an error message names it: its repr, shortened past ``SHOWN_CHARS`` and saying how long it was
+    (an integer of 401 digits is ``1000000000…(401 digits)``, not 401 digits)."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{text[:12]}…({len(text.lstrip('-'))} digits)"
+    if isinstance(value, str):
+        return f"{value[: SHOWN_CHARS - 8]!r}…({len(value)} characters)"
+    return f"{text[: SHOWN_CHARS - 8]}…({len(text)} characters of repr)"
+
+
+def within(
+    value: Any, low: float, high: float, *, integer: bool = False, low_open: bool = False, high_open: bool = False
+) -> bool:
+    """``value`` is a number (an int, or a finite float unless ``integer``; never a bool) in the range. Compared
+    before any conversion: Python compares an int of any size with a float exactly, where ``float(10**401)``
+    raises OverflowError. Every numeric parameter, on every path, is checked with this first."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    above = low < value if low_open else low <= value
+    below = value < high if high_open else value <= high
+    return above and below
 
 
 @dataclass(frozen=True)
@@ -22,7 +52,7 @@ class UserParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt={self.prompt!r} is not allowed: a string")
+            raise ValueError(f"prompt={shown(self.prompt)} is not allowed: a string")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt of {len(self.prompt)} characters is not allowed: at most {MAX_PROMPT_CHARS}")
         try:
@@ -32,12 +62,10 @@ class UserParams:
                 f"prompt is not allowed: {self.prompt[e.start : e.end]!r} at position {e.start} is not a character "
                 "(a lone surrogate); text must be valid Unicode"
             ) from None
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed={self.seed!r} is not allowed: an integer in [0, 2**63)")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
-            raise ValueError(f"strength={self.strength!r} is not allowed: a number in (0, 1]")
-        if not 0.0 < float(self.strength) <= 1.0:
-            raise ValueError(f"strength={self.strength!r} is not allowed: a number in (0, 1]")
+        if not within(self.seed, 0, 2**63, integer=True, high_open=True):
+            raise ValueError(f"seed={shown(self.seed)} is not allowed: an integer in [0, 2**63)")
+        if not within(self.strength, 0, 1, low_open=True):
+            raise ValueError(f"strength={shown(self.strength)} is not allowed: a number in (0, 1]")
 
     @staticmethod
     def fields() -> tuple[str, ...]:
@@ -46,7 +74,8 @@ class UserParams:
     def updated(self, changes: dict[str, Any]) -> UserParams:
         unknown = sorted(set(changes) - set(self.fields()))
         if unknown:
-            raise ValueError(f"unknown user param(s) {unknown}; allowed: {list(self.fields())}")
+            names = ", ".join(shown(k) for k in unknown)
+            raise ValueError(f"unknown user param(s) [{names}]; allowed: {list(self.fields())}")
         values = {name: getattr(self, name) for name in self.fields()}
         values.update(changes)
         return UserParams(**values)

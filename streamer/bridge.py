@@ -42,7 +42,10 @@ from pipeline.commands import (
     Submitted,
 )
 from pipeline.engine import Engine
-from pipeline.types import DecodedChunk, UserParams
+from pipeline.types import DecodedChunk, UserParams, shown, within
+
+MAX_D_IN = 4096  # commands waiting for the engine thread
+MAX_D_OUT = 64  # decoded chunks waiting per session
 
 _STOP = object()
 _WAKE = object()  # wakes an idle engine thread: credits were given (at most one in D_in at a time)
@@ -105,8 +108,10 @@ class EngineBridge:
     """Owns an :class:`Engine` and the thread that runs it."""
 
     def __init__(self, engine: Engine, d_in: int = 64, d_out: int = 4) -> None:
-        if d_in < 1 or d_out < 1:
-            raise ValueError(f"D_in={d_in}, D_out={d_out} are not allowed: both at least 1")
+        if not (within(d_in, 1, MAX_D_IN, integer=True) and within(d_out, 1, MAX_D_OUT, integer=True)):
+            raise ValueError(
+                f"D_in={shown(d_in)}, D_out={shown(d_out)} are not allowed: 1 to {MAX_D_IN} and 1 to {MAX_D_OUT}"
+            )
         self.engine = engine
         self.d_in = d_in
         self.d_out = d_out  # per session: chunks decoded and not yet taken

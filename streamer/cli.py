@@ -16,9 +16,11 @@ import socket
 import sys
 
 from pipeline.config import CONFIG_DIR, ConfigError, load_system_config
+from streamer.bridge import MAX_D_IN, MAX_D_OUT
 from streamer.convert import add_checkpoint_flags, add_convert_parser, model_flags
+from streamer.flags import check_flag
 from streamer.plan import add_memory_flags, memory_gate
-from streamer.run import EXIT_BAD_INPUT, check_stages, cmd_run, parse_split
+from streamer.run import EXIT_BAD_INPUT, check_stage_timeout, check_stages, cmd_run, parse_split
 
 DEFAULT_CONFIG = str(CONFIG_DIR / "demo.yaml")  # the trained model; tiny (random weights) is for plumbing
 
@@ -56,12 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_system_config(args.config, max_sessions=args.max_sessions, **model_flags(args))
-        if not 0 < args.port < 65536:
-            raise ValueError(f"--port={args.port} is not allowed: 1..65535")
-        if not 1 <= args.consent_interval <= 30:
-            raise ValueError(f"--consent-interval={args.consent_interval} is not allowed: 1 to 30 seconds")
-        if not 0 < args.connect_timeout <= 60:  # also nan
-            raise ValueError(f"--connect-timeout={args.connect_timeout} is not allowed: more than 0, at most 60 s")
+        check_flag("--port", args.port, 1, 65535, "1..65535", integer=True)
+        check_flag("--consent-interval", args.consent_interval, 1, 30, "1 to 30 seconds", integer=True)
+        check_flag("--connect-timeout", args.connect_timeout, 0, 60, "more than 0, at most 60 s", low_open=True)
+        check_flag("--d-in", args.d_in, 1, MAX_D_IN, f"an integer from 1 to {MAX_D_IN}", integer=True)
+        check_flag("--d-out", args.d_out, 1, MAX_D_OUT, f"an integer from 1 to {MAX_D_OUT}", integer=True)
+        check_stage_timeout(args.stage_timeout)
         for origin in args.allow_origin or ():
             normal_origin(origin)
         split = parse_split(args.split)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.types import shown, within
+from streamer.flags import MAX_SECONDS
+
 KEYS = ("at", "prompt", "cut")
 MAX_PROMPT = 2000
 MAX_BYTES = 1 << 20  # a schedule of thousands of entries is a few hundred KiB
@@ -81,7 +84,7 @@ def parse_time(value: object) -> float:
     try:
         return _seconds(value)
     except ValueError as e:
-        raise ValueError(f"invalid time {value!r}: {e}; allowed: {TIME_FORMS}") from None
+        raise ValueError(f"invalid time {shown(value)}: {e}; allowed: {TIME_FORMS}") from None
 
 
 def load_prompts(path: str | Path) -> PromptScript:
@@ -154,25 +157,26 @@ def _seconds(value: object) -> float:
         text = value.strip()
         if clock := _CLOCK.fullmatch(text):
             hours, minutes_after_hours, minutes, seconds = clock.groups()
-            if hours is not None:
-                total = int(hours) * 3600 + int(minutes_after_hours) * 60 + float(seconds)
-            else:
-                total = int(minutes) * 60 + float(seconds)
+            whole = int(hours) * 3600 + int(minutes_after_hours) * 60 if hours is not None else int(minutes) * 60
+            if not within(whole, 0, MAX_SECONDS):
+                raise ValueError(f"is past {MAX_SECONDS} s")
+            total = whole + float(seconds)
         elif _DECIMAL.fullmatch(text):
             total = float(text)
         else:
             raise ValueError("is not a time")
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            total = float(value)
-        except OverflowError:  # an int beyond float range
-            total = math.inf
+        if isinstance(value, int) and not within(value, 0, MAX_SECONDS):
+            raise ValueError("is negative" if value < 0 else f"is past {MAX_SECONDS} s")
+        total = float(value)
     else:
         raise ValueError(f"is a {type(value).__name__}, not a number or a string")
     if not math.isfinite(total):
         raise ValueError("is not finite")
     if total < 0:
         raise ValueError("is negative")
+    if total > MAX_SECONDS:
+        raise ValueError(f"is past {MAX_SECONDS} s")
     return total
 
 
@@ -184,7 +188,7 @@ def _entry(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> tuple[Prompt
     for key_node, value_node in node.value:
         key = _construct(path, loader, key_node)
         if not isinstance(key, str) or key not in KEYS:
-            raise _error(path, node, f"unknown key {_short(key)}; allowed: {', '.join(KEYS)}")
+            raise _error(path, node, f"unknown key {shown(key)}; allowed: {', '.join(KEYS)}")
         if key in fields:
             raise _error(path, node, f"duplicate key {key!r}")
         fields[key] = _construct(path, loader, value_node)
@@ -195,24 +199,24 @@ def _entry(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> tuple[Prompt
     try:
         at = _seconds(raw_at)
     except ValueError as e:
-        raise _error(path, node, f"at={_short(raw_at)} {e}; allowed: {TIME_FORMS}") from None
+        raise _error(path, node, f"at={shown(raw_at)} {e}; allowed: {TIME_FORMS}") from None
 
     prompt = None
     if "prompt" in fields:
         raw = fields["prompt"]
         if not isinstance(raw, str):
-            raise _error(path, node, f"prompt={_short(raw)} is not a string; allowed: {PROMPT_FORM}")
+            raise _error(path, node, f"prompt={shown(raw)} is not a string; allowed: {PROMPT_FORM}")
         prompt = raw.strip()
         if not prompt:
             raise _error(path, node, f"prompt={raw!r} is empty; allowed: {PROMPT_FORM}")
         if len(prompt) > MAX_PROMPT:
-            raise _error(path, node, f"prompt={_short(raw)} has {len(prompt)} characters; allowed: {PROMPT_FORM}")
+            raise _error(path, node, f"prompt={shown(raw)} has {len(prompt)} characters; allowed: {PROMPT_FORM}")
 
     cut = fields.get("cut", False)
     if not isinstance(cut, bool):
-        raise _error(path, node, f"cut={_short(cut)} is not a boolean; allowed: true, false")
+        raise _error(path, node, f"cut={shown(cut)} is not a boolean; allowed: true, false")
     if prompt is None and not cut:
-        raise _error(path, node, f"entry at={_short(raw_at)} has neither a prompt nor cut: true; it needs at least one")
+        raise _error(path, node, f"entry at={shown(raw_at)} has neither a prompt nor cut: true; it needs at least one")
     return PromptEvent(at=at, prompt=prompt, cut=cut, line=_line(node)), raw_at
 
 
@@ -221,7 +225,7 @@ def _construct(path: Path, loader: yaml.SafeLoader, node: yaml.Node) -> object:
     try:
         return loader.construct_object(node, deep=True)
     except (ValueError, TypeError) as e:
-        raise _error(path, node, f"invalid value {_short(node.value)}: {e}") from None
+        raise _error(path, node, f"invalid value {shown(node.value)}: {e}") from None
 
 
 def _error(path: Path, node: yaml.Node, message: str) -> PromptScriptError:
@@ -237,21 +241,15 @@ def _kind(node: yaml.Node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    return _short(node.value)
-
-
-def _short(value: object, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shown(node.value)
 
 
 def _show_at(raw: object, seconds: float) -> str:
     """``at`` as written, with its seconds where it was written as a string: "at='0:10' (10 s)"."""
     if not isinstance(raw, str):
-        return f"at={raw!r}"
+        return f"at={shown(raw)}"
     text = repr(seconds)
-    return f"at={raw!r} ({text.removesuffix('.0')} s)"
+    return f"at={shown(raw)} ({text.removesuffix('.0')} s)"
 
 
 def _yaml_problem(e: yaml.MarkedYAMLError) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.commands import Close, Cut, CutDone, Demand, Open, Query, SessionStatus, SetParams
-from pipeline.config import ConfigError, SystemConfig, load_system_config
+from pipeline.config import MAX_FPS, MAX_SIZE, ConfigError, SystemConfig, load_system_config
 from pipeline.engine import Engine
 from pipeline.feeder import Feeder
 from pipeline.models.loader import load_models
@@ -39,6 +39,7 @@ from streamer.convert import model_flags
 from streamer.egress.file import FileWriter, OutputError, check_output_path
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
 from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
+from streamer.flags import MAX_SECONDS, check_flag
 from streamer.ingress import InputError, LiveSource, VideoFileSource, is_live
 from streamer.plan import memory_gate
 from streamer.prompts import PromptEvent, PromptScript, PromptScriptError, load_prompts
@@ -52,11 +53,9 @@ FILE_QUEUE_SECONDS = 10.0  # a file's queue: every frame is kept unless encoding
 STREAM_QUEUE_SECONDS = 1.0  # a live stream's queue: it stays within a second of now
 LEAD_SECONDS = 0.5  # with a live stream, generation runs at most this far ahead of the wall clock
 
-MAX_SECONDS = 365 * 24 * 3600  # the longest run --seconds (or --frames) may ask for
+MAX_STAGE_TIMEOUT = 600  # seconds a stage may go without a heartbeat
 MAX_RETRY_SECONDS = 3600
 MAX_KEYFRAME_SECONDS = 60
-MAX_FPS = 240
-MAX_SIZE = 4096  # pixels of --height and --width
 
 
 class StopFlag:
@@ -96,42 +95,30 @@ def open_input(path: str, config: SystemConfig) -> VideoFileSource | LiveSource:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Every number flag in its range, nan and inf never; ValueError naming the flag and the value."""
-
-    def check(flag: str, value: float | None, ok: bool, allowed: str) -> None:
-        if value is not None and not ok:
-            raise ValueError(f"{flag}={value} is not allowed: {allowed}")
-
-    def between(value: float | None, low: float, high: float, low_open: bool = False) -> bool:
-        if value is None:
-            return True
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        return (low < value if low_open else low <= value) and value <= high
-
-    check(
-        "--seconds",
-        args.seconds,
-        between(args.seconds, 0, MAX_SECONDS, low_open=True),
-        f"a finite number more than 0, at most {MAX_SECONDS} (365 days)",
+    check_flag(
+        "--seconds", args.seconds, 0, MAX_SECONDS, f"a finite number more than 0, at most {MAX_SECONDS} (365 days)",
+        low_open=True,
+    )  # fmt: skip
+    check_flag("--frames", args.frames, 1, math.inf, "an integer from 1", integer=True)
+    check_flag(
+        "--retry-seconds", args.retry_seconds, 0, MAX_RETRY_SECONDS, f"a finite number from 0 to {MAX_RETRY_SECONDS}"
     )
-    check("--frames", args.frames, between(args.frames, 1, math.inf), "an integer from 1")
-    check(
-        "--retry-seconds",
-        args.retry_seconds,
-        between(args.retry_seconds, 0, MAX_RETRY_SECONDS),
-        f"a finite number from 0 to {MAX_RETRY_SECONDS}",
-    )
-    check(
-        "--keyframe-seconds",
-        args.keyframe_seconds,
-        between(args.keyframe_seconds, 0, MAX_KEYFRAME_SECONDS, low_open=True),
-        f"a finite number more than 0, at most {MAX_KEYFRAME_SECONDS}",
-    )
-    check("--strength", args.strength, between(args.strength, 0, 1, low_open=True), "a number in (0, 1]")
-    check("--fps", args.fps, between(args.fps, 1, MAX_FPS), f"an integer from 1 to {MAX_FPS}")
-    check("--seed", args.seed, between(args.seed, 0, 2**63 - 1), "an integer in [0, 2**63)")
+    check_flag(
+        "--keyframe-seconds", args.keyframe_seconds, 0, MAX_KEYFRAME_SECONDS,
+        f"a finite number more than 0, at most {MAX_KEYFRAME_SECONDS}", low_open=True,
+    )  # fmt: skip
+    check_flag("--strength", args.strength, 0, 1, "a number in (0, 1]", low_open=True)
+    check_flag("--fps", args.fps, 1, MAX_FPS, f"an integer from 1 to {MAX_FPS}", integer=True)
+    check_flag("--seed", args.seed, 0, 2**63, "an integer in [0, 2**63)", integer=True, high_open=True)
     for flag, value in (("--height", args.height), ("--width", args.width)):
-        check(flag, value, between(value, 1, MAX_SIZE), f"an integer from 1 to {MAX_SIZE}")
+        check_flag(flag, value, 1, MAX_SIZE, f"an integer from 1 to {MAX_SIZE}", integer=True)
+    check_stage_timeout(args.stage_timeout)
+
+
+def check_stage_timeout(seconds: float) -> None:
+    check_flag(
+        "--stage-timeout", seconds, 0, MAX_STAGE_TIMEOUT, f"more than 0, at most {MAX_STAGE_TIMEOUT} s", low_open=True
+    )
 
 
 def check_targets(outs: list[str], also_record: list[str], input_: str | None = None) -> list[Target]:
@@ -375,10 +362,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = (script.initial_prompt() if script else None) or args.prompt
         params = UserParams(prompt=prompt, seed=args.seed, strength=args.strength)
         most = MAX_SECONDS * config.fps
-        if args.frames is not None and args.frames > most:
-            raise ValueError(
-                f"--frames={args.frames} is not allowed: an integer from 1 to {most} (365 days at {config.fps} fps)"
-            )
+        check_flag("--frames", args.frames, 1, most, f"an integer from 1 to {most} (365 days at {config.fps} fps)")
         total = args.frames if args.frames is not None else max(1, round(args.seconds * config.fps))
         split = parse_split(args.split)
         check_stages(args.stages, split, config.model.num_layers)
@@ -473,8 +457,7 @@ def parse_split(text: str | None) -> list[int] | None:
 
 
 def check_stages(stages: int, split: list[int] | None, num_blocks: int) -> None:
-    if not 1 <= stages <= num_blocks:
-        raise ValueError(f"--stages={stages} is not allowed: from 1 to the model's {num_blocks} blocks (one each)")
+    check_flag("--stages", stages, 1, num_blocks, f"from 1 to the model's {num_blocks} blocks (one each)", integer=True)
     if split is not None and (len(split) != stages or min(split) < 1 or sum(split) != num_blocks):
         raise ValueError(
             f"--split={','.join(map(str, split))} is not allowed: {stages} counts of at least 1 block adding up to "

@@ -20,7 +20,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 
 from pipeline.commands import ParamsSet, Query, SessionStatus, SetParams, Submitted
 from pipeline.feeder import Feeder
-from pipeline.types import UserParams, stale
+from pipeline.types import UserParams, shown, stale
 from streamer.bridge import EngineBridge
 from streamer.chunker import Chunker
 from streamer.egress.webrtc import OutFrame, PacedVideoTrack
@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 MAX_CONTROL_BYTES = 16 * 1024  # also the data channels' a=max-message-size (streamer.datachannel)
 CONTROL_WAITING = 256  # control messages waiting for their answer; past that one is answered "busy" at once
+# the control messages and their fields besides "type": (allowed, required); any other field is refused
+CONTROL_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "prompt": ({"prompt"}, {"prompt"}),
+    "params": (set(UserParams.fields()), set()),
+    "cut": (set(), set()),
+}
 SENT_LOG = 5_000  # frames kept in SessionMetrics.sent_log: ~5 minutes at 16 fps, ~1 MB
 
 
@@ -264,10 +270,17 @@ class Session:
             if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
                 raise ValueError('a control message is a JSON object with a "type"')
             kind = msg["type"]
+            if kind not in CONTROL_FIELDS:
+                raise ValueError(f"type={shown(kind)} is not allowed: one of {sorted(CONTROL_FIELDS)}")
+            allowed, required = CONTROL_FIELDS[kind]
+            if unknown := sorted(set(msg) - allowed - {"type"}):
+                names = ", ".join(shown(k) for k in unknown)
+                raise ValueError(
+                    f"unknown field(s) [{names}] in a {kind} message; allowed besides type: {sorted(allowed)}"
+                )
+            if missing := sorted(required - set(msg)):
+                raise ValueError(f"a {kind} message needs the field(s) {missing}")
             if kind == "prompt":
-                unknown = sorted(set(msg) - {"type", "prompt"})
-                if unknown or "prompt" not in msg:
-                    raise ValueError(f'a prompt message has exactly "type" and "prompt"; got {sorted(msg)}')
                 done: ParamsSet = await self.bridge.apply(SetParams.of(self.sid, prompt=msg["prompt"]))
                 return {"type": "ack", "of": "prompt", "epoch": self.epoch, "prompt": done.params.prompt}
             if kind == "params":
@@ -275,14 +288,12 @@ class Session:
                 UserParams().updated(changes)  # validate before it reaches the engine thread
                 done = await self.bridge.apply(SetParams.of(self.sid, **changes))
                 return {"type": "ack", "of": "params", "epoch": self.epoch, "params": done.params.__dict__}
-            if kind == "cut":
-                epoch, first = await self.bridge.cut(self.sid)
-                self.epoch = epoch
-                self.reorder.start_epoch(epoch, first)
-                self.flush_stale()
-                self.cut_acked = time.monotonic()
-                return {"type": "ack", "of": "cut", "epoch": epoch}
-            raise ValueError(f"type={kind!r} is not allowed: 'prompt', 'params' or 'cut'")
+            epoch, first = await self.bridge.cut(self.sid)
+            self.epoch = epoch
+            self.reorder.start_epoch(epoch, first)
+            self.flush_stale()
+            self.cut_acked = time.monotonic()
+            return {"type": "ack", "of": "cut", "epoch": epoch}
         except (ValueError, TypeError, KeyError) as e:
             return {"type": "error", "message": str(e)}
 

@@ -88,7 +88,8 @@ def offers(f: dict[str, Any], server: dict[str, Any]) -> list[Check]:
     limit = h["connect_deadline_s"] + CONNECT_SLACK_S
     body_limit = s["body_deadline_s"] + BODY_SLACK_S
     slow_ok = all(a in ("408", "closed") for a in s["answers"]) and s["max_s"] <= body_limit
-    after = {name: f[name]["real_offer_after"]["ok"] for name in ("concurrent", "held", "slow_bodies")}
+    after = {name: f[name]["real_offer_after"]["ok"] for name in ("concurrent", "bad_params", "held", "slow_bodies")}
+    b = f["bad_params"]
     return [
         (
             "free slots succeed",
@@ -97,6 +98,12 @@ def offers(f: dict[str, Any], server: dict[str, Any]) -> list[Check]:
             f"{c['free_slots_before']} x 200",
         ),
         ("no 5xx but 503", c["server_errors"] == 0, c["server_errors"], "0"),
+        (
+            "bad params: 400 naming the field",
+            b["refused_naming_the_field"] == b["offers"] and b["server_errors"] == 0,
+            [r for r in b["rows"] if r["status"] != 400 or not r["named"]],
+            f"{b['offers']} x 400",
+        ),
         ("health degraded when full", c["health_when_full"] == "degraded", c["health_when_full"], "degraded"),
         ("unconnected freed", h["not_freed"] == 0 and (h["max_free_s"] or 0) <= limit, h["free_s"], f"<= {limit:g} s"),
         (

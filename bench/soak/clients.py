@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -119,10 +120,14 @@ async def real_offer_works(served: Served, bound: float = 30.0) -> dict[str, Any
         await client.pc.close()
 
 
-async def post_offer(http: aiohttp.ClientSession, base: str, sdp: str) -> tuple[int, Any]:
-    """POST a t2v offer with ``sdp``; the status and the body (JSON, else its text)."""
-    offer = {"sdp": sdp, "type": "offer", "params": {"prompt": "soak"}, "mode": "t2v"}
-    async with http.post(base + "/api/offer", json=offer) as r:
+async def post_offer(
+    http: aiohttp.ClientSession, base: str, sdp: str, params: str = '{"prompt": "soak"}'
+) -> tuple[int, Any]:
+    """POST a t2v offer with ``sdp`` and ``params`` (JSON text, sent as written); the status and the body
+    (JSON, else its text)."""
+    offer = f'{{"sdp": {json.dumps(sdp)}, "type": "offer", "params": {params}, "mode": "t2v"}}'
+    headers = {"Content-Type": "application/json"}
+    async with http.post(base + "/api/offer", data=offer.encode(), headers=headers) as r:
         return r.status, parse(await r.text())
 
 

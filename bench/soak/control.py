@@ -54,6 +54,7 @@ class Outcome:
     answer: str | None  # the reply's "type" ("ack", "error", or "other" for a reply that is not that JSON)
     closed: bool  # the channel closed before an answer came, or right after it
     seconds: float  # from the send to the answer or the close (the timeout when neither came)
+    message: str = ""  # an error reply's message
 
 
 class Replies:
@@ -98,18 +99,20 @@ class Replies:
             if got.done():
                 if not closing.done():
                     await asyncio.wait({closing}, timeout=linger)
-                return Outcome(reply_type(got.result()), not self.open, seconds)
+                kind, said = reply(got.result())
+                return Outcome(kind, not self.open, seconds, said)
             return Outcome(None, not self.open, seconds)
         finally:
             for f in (got, closing):
                 f.cancel()
 
 
-def reply_type(message: Any) -> str:
-    """A reply's "type" if it is ``{"type": "ack"|"error", ...}``, else "other"."""
+def reply(message: Any) -> tuple[str, str]:
+    """A reply's "type" if it is ``{"type": "ack"|"error", ...}``, else "other"; and its message, if any."""
     try:
         body = json.loads(message) if isinstance(message, str) else None
     except ValueError:
         body = None
     kind = body.get("type") if isinstance(body, dict) else None
-    return kind if kind in ("ack", "error") else "other"
+    said = body.get("message") if isinstance(body, dict) else None
+    return (kind if kind in ("ack", "error") else "other"), said if isinstance(said, str) else ""

@@ -7,6 +7,7 @@ cases cover each category once; ``size`` more are drawn at random from the categ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import string
@@ -22,6 +23,8 @@ class Case:
     name: str
     payload: str | bytes
     wire: str = "text"
+    expect: str | None = None  # the answer it must get ("ack" or "error"); None: any answer
+    names: str = ""  # what an error answer's message must name (the field), if anything
 
     @property
     def size(self) -> int:
@@ -48,7 +51,19 @@ def nested(depth: int, kind: str) -> str:
     return '[{"a":' * (depth // 2) + "1" + "}]" * (depth // 2)  # mixed
 
 
+# categories whose every fixed case is refused (an "error" answer), and the valid ones (an "ack")
+REFUSED = ("deep", "not_json", "wrong_types", "unknown", "nan", "huge", "empty", "binary", "non_utf8", "limit")
+
+
 def fixed_cases() -> list[Case]:
+    """Each category once; each refused or valid case says what it must be answered."""
+    return [
+        dataclasses.replace(c, expect="error" if c.category in REFUSED else "ack" if c.category == "valid" else None)
+        for c in _fixed_cases()
+    ]
+
+
+def _fixed_cases() -> list[Case]:
     deep = [Case("deep", f"{k} {d}", nested(d, k)) for k in ("array", "object", "mixed") for d in (33, 1000)]
     deep += [Case("deep", "array 5000", nested(5000, "array")), Case("deep", "object 5000", nested(5000, "object"))]
     deep += [Case("deep", "prompt of 1000-deep arrays", '{"type": "prompt", "prompt": ' + nested(1000, "array") + "}")]
@@ -72,15 +87,20 @@ def fixed_cases() -> list[Case]:
         Case("wrong_types", "strength list", '{"type": "params", "strength": [0.5]}'),
         Case("wrong_types", "seed bool", '{"type": "params", "seed": true}'),
         Case("unknown", "type", '{"type": "reboot"}'),
-        Case("unknown", "field on prompt", '{"type": "prompt", "prompt": "a", "extra": 1}'),
+        Case("unknown", "field on prompt", '{"type": "prompt", "prompt": "a", "extra": 1}', names="'extra'"),
         Case("unknown", "field on params", '{"type": "params", "colour": "red"}'),
-        Case("unknown", "field on cut", '{"type": "cut", "now": true}'),
+        Case("unknown", "field on cut", '{"type": "cut", "now": true}', names="'now'"),
         Case("nan", "NaN", "NaN"),
         Case("nan", "strength NaN", '{"type": "params", "strength": NaN}'),
         Case("nan", "strength Infinity", '{"type": "params", "strength": Infinity}'),
         Case("nan", "seed -Infinity", '{"type": "params", "seed": -Infinity}'),
         Case("nan", "seed 1e400", '{"type": "params", "seed": 1e400}'),
         Case("nan", "seed of 5000 digits", '{"type": "params", "seed": ' + "9" * 5000 + "}"),
+        Case("nan", "strength of 401 digits", '{"type": "params", "strength": 1' + "0" * 400 + "}", names="strength="),
+        Case("nan", "seed of 401 digits", '{"type": "params", "seed": 1' + "0" * 400 + "}", names="seed="),
+        Case(
+            "nan", "strength of -401 digits", '{"type": "params", "strength": -1' + "0" * 400 + "}", names="strength="
+        ),
         Case("huge", "prompt of 10000 chars", json.dumps({"type": "prompt", "prompt": "y" * 10000})),
         Case("huge", "key of 10000 chars", json.dumps({"type": "params", "k" * 10000: 1})),
         Case("unicode", "lone surrogate", '{"type": "prompt", "prompt": "\\ud800"}'),
@@ -118,8 +138,9 @@ def random_case(rng: random.Random, i: int) -> Case:
         value = rng.choice([None, True, 3, -1.5, "s", [1, 2], {"a": None}])
         field = rng.choice(["type", "prompt", "seed", "strength"])
         return Case(kind, name, json.dumps({"type": "params", field: value} if field != "type" else {"type": value}))
-    if kind == "unknown":
-        return Case(kind, name, json.dumps({"type": rng.choice(["prompt", "params", "cut", "x"]), "zz": rng.random()}))
+    if kind == "unknown":  # a field no message has, or a type there is not: refused, whatever the type
+        payload = json.dumps({"type": rng.choice(["prompt", "params", "cut", "x"]), "zz": rng.random()})
+        return Case(kind, name, payload, expect="error")
     if kind == "deep":
         shape = rng.choice(["array", "mixed"])  # under the limit: 2 bytes a level, 4 (mixed)
         return Case(kind, name, nested(rng.randint(33, 5000 if shape == "array" else 2000), shape))
@@ -130,7 +151,8 @@ def random_case(rng: random.Random, i: int) -> Case:
     if kind == "huge":
         return Case(kind, name, json.dumps({"type": "prompt", "prompt": "z" * rng.randint(2001, 16000)}))
     if kind == "nan":
-        return Case(kind, name, '{"type": "params", "strength": ' + rng.choice(["NaN", "Infinity", "-Infinity"]) + "}")
+        value = rng.choice(["NaN", "Infinity", "-Infinity", "1" + "0" * rng.randint(309, 4000)])
+        return Case(kind, name, '{"type": "params", "strength": ' + value + "}", expect="error")
     valid = bytearray(b'{"type": "params", "seed": 3}')  # mutant: one byte of a valid message changed
     valid[rng.randrange(len(valid))] = rng.randrange(32, 127)
     return Case("mutant", name, valid.decode())

@@ -93,8 +93,12 @@ class Fuzzer:
 
 
 def passed(case: Case, outcome: Outcome) -> bool:
-    """Answered, or over the limit and its channel closed."""
-    return outcome.answer in ("ack", "error") or (case.over_limit and outcome.closed)
+    """Answered as the case expects (any answer, where it says nothing), or over the limit and its channel closed."""
+    if case.over_limit and outcome.closed:
+        return True
+    if case.names and outcome.answer == "error" and case.names not in outcome.message:
+        return False  # refused, but without naming what was wrong
+    return outcome.answer == case.expect if case.expect else outcome.answer in ("ack", "error")
 
 
 async def fuzz(spec: ServerSpec, seed: int, size: int) -> dict[str, Any]:

@@ -7,6 +7,8 @@
   line stripped) and one whose client answers connectivity checks but never nominates a pair
   (``bench.soak.peer hold``). A real offer meanwhile, what ``/api/health`` says, and the time until
   each slot is free again (the server's connect deadline: the slot must be free within it + 5 s).
+- ``bad_params``: offers whose params are hostile numbers (integers of 401 digits, too large for a float;
+  out of range; of the wrong type) or unknown fields: each must get 400 naming the field, none a 500.
 - ``slow_bodies``: raw sockets that send the headers of ``POST /api/offer`` with Content-Length 1000,
   then one byte a second: each must get 408 or be closed within the body deadline, while a real
   offer meanwhile works.
@@ -82,6 +84,36 @@ async def concurrent(served: Served) -> dict[str, Any]:
         "health_when_full": when_full,
         "all_free_s": round(time.monotonic() - ended, 3) if idle else None,
         "health": watch.summary(),
+    }
+
+
+BAD_PARAMS = {  # params as JSON text -> the field the 400 must name
+    '{"strength": 1' + "0" * 400 + "}": "strength",
+    '{"strength": -1' + "0" * 400 + "}": "strength",
+    '{"seed": 1' + "0" * 400 + "}": "seed",
+    '{"seed": 1e400}': "seed",
+    '{"strength": 2}': "strength",
+    '{"seed": "seven"}': "seed",
+    '{"prompt": 1' + "0" * 400 + "}": "prompt",
+    '{"volume": 1' + "0" * 400 + "}": "volume",
+}
+
+
+async def bad_params(served: Served) -> dict[str, Any]:
+    pc, sdp = await offer_sdp()
+    rows: list[dict[str, Any]] = []
+    try:
+        for params, field in BAD_PARAMS.items():
+            status, body = await post_offer(served.http, served.base, sdp, params)
+            error = body.get("error", "") if isinstance(body, dict) else str(body)
+            rows.append({"params": params[:40], "status": status, "named": field in error, "error": error[:160]})
+    finally:
+        await pc.close()
+    return {
+        "offers": len(rows),
+        "refused_naming_the_field": sum(1 for r in rows if r["status"] == 400 and r["named"]),
+        "server_errors": sum(1 for r in rows if int(r["status"]) >= 500),
+        "rows": rows,
     }
 
 
@@ -179,7 +211,12 @@ async def offers(spec: ServerSpec) -> dict[str, Any]:
     async with peers() as started:
         hold = await Peer.start("hold", 120.0)  # it imports while the server starts
         started.append(hold)
-        parts = [("concurrent", concurrent), ("held", lambda s: held(s, hold)), ("slow_bodies", slow_bodies)]
+        parts = [
+            ("concurrent", concurrent),
+            ("bad_params", bad_params),
+            ("held", lambda s: held(s, hold)),
+            ("slow_bodies", slow_bodies),
+        ]
         restarted, errors = [], 0
         async with contextlib.AsyncExitStack() as stack:
             served = await stack.enter_async_context(serving(spec))

@@ -302,6 +302,10 @@ def test_bad_server_flags_are_one_line_errors():
     for flags, message in [
         (["--allow-origin", "studio.example"], "--allow-origin='studio.example' is not allowed"),
         (["--connect-timeout", "nan"], "--connect-timeout=nan is not allowed"),
+        (["--d-in", "1" + "0" * 400], "--d-in=100000000000…(401 digits) is not allowed: an integer from 1 to 4096"),
+        (["--d-out", "0"], "--d-out=0 is not allowed: an integer from 1 to 64"),
+        (["--stage-timeout", "nan"], "--stage-timeout=nan is not allowed"),
+        (["--max-sessions", "1" + "0" * 400], "max_sessions=100000000000…(401 digits) is not allowed"),
     ]:
         r = run_streamer("serve", "--port", str(free_port()), *flags, timeout=60)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

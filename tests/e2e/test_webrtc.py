@@ -185,6 +185,8 @@ def test_bad_input_is_refused_and_the_server_goes_on():
                 ({"colour": "red"}, "unknown user param(s) ['colour']"),
                 ({"seed": "x"}, "seed='x' is not allowed"),
                 ({"strength": 3}, "strength=3 is not allowed"),
+                ({"strength": 10**400}, "strength=100000000000…(401 digits) is not allowed: a number in (0, 1]"),
+                ({"seed": -(10**400)}, "seed=-10000000000…(401 digits) is not allowed"),
                 ({"prompt": "p" * 5000}, "prompt of 5000 characters is not allowed"),
             ]:
                 got, body = await post(base, "/api/offer", json={"sdp": sdp, "type": "offer", "params": params})
@@ -197,7 +199,11 @@ def test_bad_input_is_refused_and_the_server_goes_on():
                 (json.dumps({"type": "dance"}), "type='dance' is not allowed"),
                 (json.dumps({"type": "prompt", "prompt": "p" * 5000}), "prompt of 5000 characters"),
                 (json.dumps({"type": "params", "seed": -1}), "seed=-1 is not allowed"),
-                (json.dumps({"type": "params", "volume": 3}), "unknown user param(s) ['volume']"),
+                (json.dumps({"type": "params", "volume": 3}), "unknown field(s) ['volume'] in a params message"),
+                ('{"type": "params", "strength": 1' + "0" * 400 + "}", "strength=100000000000…(401 digits) is not"),
+                (json.dumps({"type": "cut", "x": 1}), "unknown field(s) ['x'] in a cut message"),
+                (json.dumps({"type": "prompt", "prompt": "a", "z": 0}), "unknown field(s) ['z'] in a prompt message"),
+                (json.dumps({"type": "prompt"}), "a prompt message needs the field(s) ['prompt']"),
             ]:
                 reply = await live.send(message)
                 assert reply["type"] == "error" and expected in reply["message"], reply

@@ -6,9 +6,11 @@ import re
 
 import pytest
 import torch
+import yaml
 
+from pipeline import config as config_module
 from pipeline.commands import Open, SetParams
-from pipeline.config import ConfigError, load_model_preset, load_system_config
+from pipeline.config import MODEL_DIR, ConfigError, load_model_preset, load_system_config
 from pipeline.engine import Engine
 from pipeline.models.loader import load_models, random_components, save_pretrained
 from pipeline.models.text import ByteTokenizer
@@ -46,7 +48,7 @@ def test_unknown_preset_names_it_and_the_known_ones(tmp_path):
         ("timesteps", [], r"timesteps=\[\] is not allowed"),
         ("context", "future", r"context='future' is not allowed: one of \('stream', 'clean', 'per-step'\)"),
         ("dtype", "int8", r"dtype='int8' is not allowed"),
-        ("chunk_frames", 0, r"chunk_frames=0 is not allowed: an integer >= 1"),
+        ("chunk_frames", 0, r"chunk_frames=0 is not allowed: an integer from 1 to 1048576"),
         ("window_frames", 5000, r"window_frames=5000 is not allowed: .*RoPE table"),
         ("colour", "red", r"unknown field\(s\) \['colour'\]"),
     ],
@@ -54,6 +56,44 @@ def test_unknown_preset_names_it_and_the_known_ones(tmp_path):
 def test_bad_system_values(tmp_path, field, value, message):
     with pytest.raises(ConfigError, match=message):
         load_system_config(write_config(tmp_path, **{field: value}))
+
+
+BIG = 10**400  # an integer too large for a float: float(BIG) raises OverflowError
+SHOWN = re.escape("=100000000000…(401 digits) is not allowed")
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["shift", "adaptive_sink", "fps", "height", "width", "max_sessions", "sink_frames", "window_frames",
+     "chunk_frames", "rope_refresh", "first_chunk_frames"],
+)  # fmt: skip
+def test_an_integer_too_large_for_a_float_is_refused_by_name_in_short(tmp_path, field):
+    for value in (BIG, -BIG):
+        with pytest.raises(ConfigError, match=f"{field}={'-1' if value < 0 else '1'}") as e:
+            load_system_config(write_config(tmp_path, **{field: value}))
+        assert len(str(e.value)) < 300 and "digits) is not allowed" in str(e.value), e.value
+    with pytest.raises(ConfigError, match=field + SHOWN):
+        load_system_config(write_config(tmp_path, **{field: BIG}))
+
+
+def test_timesteps_too_large_for_a_float_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"timesteps=\[1000000000.*characters of repr\) is not allowed: every"):
+        load_system_config(write_config(tmp_path, timesteps=[BIG, 500]))
+
+
+@pytest.mark.parametrize("field", ["shift", "fps", "text_len", "seed"])
+def test_a_model_preset_s_numbers_are_checked_before_conversion(tmp_path, monkeypatch, field):
+    data = yaml.safe_load((MODEL_DIR / "tiny.yaml").read_text()) | {field: BIG}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(config_module, "MODEL_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"model preset 'tiny': " + field + SHOWN):
+        load_model_preset("tiny")
+
+
+def test_a_user_param_too_large_for_a_float_is_refused_by_name():
+    for field in ("strength", "seed"):
+        with pytest.raises(ValueError, match=field + SHOWN):
+            UserParams().updated({field: BIG})
 
 
 def test_bad_sigmas():

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from pipeline.types import shown
 from streamer import prompts as prompts_module
 from streamer.prompts import PromptEvent, PromptScript, PromptScriptError, load_prompts, parse_time
 
@@ -83,7 +84,9 @@ def test_parse_time(value: object, seconds: float) -> None:
         (-0.5, "is negative"),
         (float("nan"), "is not finite"),
         (float("inf"), "is not finite"),
-        (10**400, "is not finite"),
+        (10**400, "is past 31536000 s"),
+        (1e300, "is past 31536000 s"),
+        ("9" * 400 + ":00:00", "is past 31536000 s"),
         ("1e400", "is not finite"),
         (True, "is a bool, not a number or a string"),
         (None, "is a NoneType, not a number or a string"),
@@ -100,8 +103,13 @@ def test_parse_time(value: object, seconds: float) -> None:
     ],
 )
 def test_parse_time_rejects(value: object, why: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"invalid time {value!r}: {why}; ") + TIMES_ALLOWED):
+    with pytest.raises(ValueError, match=re.escape(f"invalid time {shown(value)}: {why}; ") + TIMES_ALLOWED):
         parse_time(value)
+
+
+def test_a_time_of_401_digits_is_named_shortened():
+    with pytest.raises(ValueError, match=r"^invalid time 100000000000…\(401 digits\): is past 31536000 s; "):
+        parse_time(10**400)
 
 
 def test_times_in_the_file_quoted_or_not(tmp_path: Path) -> None:
@@ -232,7 +240,7 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
         ("- at: 0\n  prompt: '  '\n", r"line 1: prompt='  ' is empty; allowed: text of 1 to 2000 characters$"),
         (
             f"- at: 0\n  prompt: {'a' * 2001}\n",
-            r"line 1: prompt='a{56}\.\.\. has 2001 characters; allowed: text of 1 to",
+            r"line 1: prompt='a{32}'…\(2001 characters\) has 2001 characters; allowed: text of 1 to",
         ),
         # cut
         ("- at: 0\n  cut: 'true'\n", r"line 1: cut='true' is not a boolean; allowed: true, false$"),
