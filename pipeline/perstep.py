@@ -162,10 +162,3 @@ class PerStepKV:
             keys[i, :n] = c.k[level, block - c.blocks.start, :n]
             values[i, :n] = c.v[level, block - c.blocks.start, :n]
         return keys, values
-
-    def mask(self, device: torch.device) -> torch.Tensor | None:
-        """Key-padding mask [B, 1, 1, Lk], or None when no slot is padded."""
-        if all(n == self.lengths[0] for n in self.lengths):
-            return None
-        lengths = torch.tensor(self.lengths, device=device)
-        return (torch.arange(max(self.lengths), device=device)[None, :] < lengths[:, None])[:, None, None, :]

@@ -11,20 +11,21 @@ import numpy as np
 PTS_CLOCK = 90_000  # pts ticks per second (the RTP video clock)
 
 MAX_PROMPT_CHARS = 2000
-SHOWN_CHARS = 40  # an error message shows at most this much of a value
+SHOWN_DIGITS = 40  # an error message shows a number of more digits shortened
+SHOWN_CHARS = 200  # and a text (a path, a prompt) or another value of a longer repr
 
 
 def shown(value: Any) -> str:
-    """A value as an error message names it: its repr, shortened past ``SHOWN_CHARS`` and saying how long it was
-    (an integer of 401 digits is ``1000000000…(401 digits)``, not 401 digits)."""
+    """A value as an error message names it: its repr, shortened when it is long, saying how long it was (an
+    integer of 401 digits is ``100000000000…(401 digits)``, a prompt of 5000 characters its first 32)."""
     text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return text if len(text) <= SHOWN_DIGITS else f"{text[:12]}…({len(text.lstrip('-'))} digits)"
     if len(text) <= SHOWN_CHARS:
         return text
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{text[:12]}…({len(text.lstrip('-'))} digits)"
     if isinstance(value, str):
-        return f"{value[: SHOWN_CHARS - 8]!r}…({len(value)} characters)"
-    return f"{text[: SHOWN_CHARS - 8]}…({len(text)} characters of repr)"
+        return f"{value[:32]!r}…({len(value)} characters)"
+    return f"{text[:32]}…({len(text)} characters of repr)"
 
 
 def within(

@@ -36,7 +36,7 @@ from pipeline.stages.launch import make_executor
 from pipeline.stages.transport import StageFailure
 from pipeline.types import UserParams
 from streamer.convert import model_flags
-from streamer.egress.file import FileWriter, OutputError, check_output_path
+from streamer.egress.file import FileWriter, OutputError, PngSequence, check_output_path, is_sequence
 from streamer.egress.outputs import OutputReport, OutputThread, Sink
 from streamer.egress.rtmp import RtmpWriter, check_rtmp_url, is_stream_url
 from streamer.flags import MAX_SECONDS, check_flag
@@ -325,7 +325,9 @@ def open_sinks(targets: list[Target], config: SystemConfig, args: argparse.Names
                 rtmp.connect()
                 sink, seconds = rtmp, STREAM_QUEUE_SECONDS
             else:
-                sink, seconds = FileWriter(t.where, config.width, config.height, config.fps), FILE_QUEUE_SECONDS
+                size = (config.width, config.height)
+                sink = PngSequence(t.where, *size) if is_sequence(t.where) else FileWriter(t.where, *size, config.fps)
+                seconds = FILE_QUEUE_SECONDS
             threads.append(OutputThread(sink, capacity=max(8, round(seconds * config.fps)), on_error=failed))
     except BaseException:
         for th in threads:

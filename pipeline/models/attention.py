@@ -52,10 +52,33 @@ def _flash(backend: str) -> Callable[..., Any]:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "sdpa"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    backend: str = "sdpa",
+    lengths: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """q [B, Lq, H, D], k and v [B, Lk, H, D], mask bool [B or 1, 1, 1 or Lq, Lk] (True: may attend)
-    -> [B, Lq, H, D]."""
+    -> [B, Lq, H, D].
+
+    ``lengths``: slot i's keys are its first ``lengths[i]``, the rest padding. Slots are then attended in groups
+    of one length with the padding cut off, never through a mask: a padded, masked softmax sums in another
+    order and rounds differently, so a slot's output would depend on the other slots of its micro-batch (and a
+    ring of stages, which splits a tick into micro-batches, would not give the frames of one process)."""
+    if lengths is not None:
+        if len(lengths) != len(q) or mask is not None:
+            raise ValueError(f"lengths {lengths} for a batch of {len(q)} (and no mask besides) are not allowed")
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(n, []).append(i)
+        if len(groups) == 1:
+            return attend(q, k[:, : lengths[0]], v[:, : lengths[0]], None, backend)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        for n, slots in groups.items():
+            at = torch.tensor(slots, device=q.device)
+            out[at] = attend(q[at], k[at, :n], v[at, :n], None, backend)
+        return out
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)

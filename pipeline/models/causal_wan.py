@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttention
 
@@ -48,6 +49,8 @@ class AttnBatch:
     kv: KVAccess | None  # None: no cache (a full forward over all frames)
     q_rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin of the slots' own tokens: [B, L, 1, D/2]
     mask: torch.Tensor | None  # bool [B, 1, 1 or L, Lc + L], True = may attend; None = all
+    # per slot, how many of its keys are real (context, then its own tokens; padding after): see attend()
+    key_lengths: tuple[int, ...] | None = None
     # per slot, what names its text states (the prompt) for the text K/V cache; None: not cached
     text_keys: tuple[Hashable, ...] | None = None
 
@@ -96,6 +99,21 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def patch_embed(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """Wan's patch embedding (a Conv3d whose stride is its kernel) as the linear map it is: x [B, C, F, h, w] ->
+    tokens [B, L, E] in the conv's (frame, row, column) order. A linear map computes every token alone, so a
+    slot's tokens do not depend on the other slots of its micro-batch; the CPU's Conv3d picks its algorithm by
+    batch size (a slot batched with two others moved by up to 6e-7, enough to flip a pixel by one level), and
+    a ring of stages, which runs a tick as several micro-batches, must give the frames of one process."""
+    pt, ph, pw = conv.kernel_size
+    if tuple(conv.stride) != (pt, ph, pw) or conv.padding != (0, 0, 0):
+        raise ValueError(f"patch embedding {conv}: stride must equal the kernel and padding be 0")
+    b, c, f, h, w = x.shape
+    patches = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    patches = patches.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)  # [B, L, C·pt·ph·pw]
+    return F.linear(patches, conv.weight.flatten(1), conv.bias)
+
+
 class CausalWanAttnProcessor:
     """Self-attention over [KV-window context ; the slot's own tokens], for one block."""
 
@@ -120,7 +138,7 @@ class CausalWanAttnProcessor:
         keys, values = apply_rope(k, batch.q_rope), v
         if batch.kv is not None:
             keys, values = batch.kv.exchange(self.block_index, keys, values)  # [B, Lc + L, H, D]
-        out = attend(apply_rope(q, batch.q_rope), keys, values, batch.mask, self.backend)  # [B, L, H, D]
+        out = attend(apply_rope(q, batch.q_rope), keys, values, batch.mask, self.backend, batch.key_lengths)
         out = out.flatten(2).type_as(q)  # [B, L, E]
         return attn.to_out[0](out)
 
@@ -255,14 +273,14 @@ class CausalWan(torch.nn.Module):
         text states [B, Lt, E]. With the text cache on and ``text_keys`` naming each slot's text (its
         prompt), the text states are made once per prompt (the text embedder over Lt tokens), not per slot."""
         t = self.transformer
-        hidden = t.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B, L, E]
+        hidden = patch_embed(t.patch_embedding, x)  # [B, L, E]
         text = text.to(self.dtype)
         if self.text_cache is None or text_keys is None:
             temb, tproj, enc, _ = t.condition_embedder(time.to(torch.float32), text)
             return hidden, temb, tproj.unflatten(1, (6, -1)), enc
         if len(text_keys) != len(text):
             raise ValueError(f"{len(text_keys)} text keys for a batch of {len(text)} slots")
-        temb, tproj, _, _ = t.condition_embedder(time.to(torch.float32), text[:, :1])  # the time part only
+        temb, tproj = self.time_embedding(time)
         states = {}
         for i, key in enumerate(text_keys):
             if key not in states:
@@ -277,6 +295,19 @@ class CausalWan(torch.nn.Module):
         else:
             enc = torch.stack([states[k] for k in text_keys])
         return hidden, temb, tproj.unflatten(1, (6, -1)), enc
+
+    def time_embedding(self, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """temb [B, E] and timestep_proj [B, 6·E] of each slot's time input [B] (diffusers' condition embedder,
+        its time part), each slot's computed alone: the CPU's GEMM rounds a row differently for 1 to 11 rows
+        than for more, so a slot's embedding would otherwise depend on how many slots share its micro-batch."""
+        ce = self.transformer.condition_embedder
+        dtype = next(iter(ce.time_embedder.parameters())).dtype
+        out = []
+        for i in range(len(time)):
+            temb = ce.time_embedder(ce.timesteps_proj(time[i : i + 1].to(torch.float32)).to(dtype)).to(self.dtype)
+            out.append((temb, ce.time_proj(ce.act_fn(temb))))
+        temb, tproj = zip(*out, strict=True)
+        return torch.cat(temb), torch.cat(tproj)
 
     def run_blocks(
         self, hidden: torch.Tensor, enc: torch.Tensor, tproj: torch.Tensor, batch: AttnBatch, blocks: range
@@ -336,7 +367,7 @@ class CausalWan(torch.nn.Module):
         b, _, f, h, w = x.shape
         grid = self.grid((h, w))
         tokens = grid[0] * grid[1]
-        hidden = t.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, E]
+        hidden = patch_embed(t.patch_embedding, x)  # [B, L, E]
         temb, tproj, _, _ = t.condition_embedder(time.flatten().float(), text[:1, :1].to(self.dtype))
         enc = t.condition_embedder.text_embedder(text.to(self.dtype))
         temb = temb.unflatten(0, (b, f)).repeat_interleave(tokens, dim=1)  # [B, L, E]

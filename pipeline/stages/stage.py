@@ -95,18 +95,20 @@ class BatchKV:
         self.max_len = max(self.lengths)
 
     def exchange(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather every slot's context straight into one [B, Lc + L, H, D] buffer (padding zeroed,
-        own tokens last), then record the slots' own keys/values."""
+        """Gather every slot's context straight into one [B, Lc + L, H, D] buffer, each slot's context, then
+        its own tokens, then its padding (zeroed, masked), then record the slots' own keys/values. Padding
+        last keeps each slot's attention the sums it would be alone: a ring's micro-batches give the frames
+        of one process."""
         b, own, heads, dim = k.shape
         keys = k.new_empty(b, self.max_len + own, heads, dim)
         values = v.new_empty(b, self.max_len + own, heads, dim)
         for i, (w, runs, n) in enumerate(zip(self.windows, self.read_runs, self.lengths, strict=True)):
             w.gather_into(block, runs, keys[i, :n], values[i, :n])
+            keys[i, n : n + own] = k[i]
+            values[i, n : n + own] = v[i]
             if n < self.max_len:
-                keys[i, n : self.max_len] = 0
-                values[i, n : self.max_len] = 0
-        keys[:, self.max_len :] = k
-        values[:, self.max_len :] = v
+                keys[i, n + own :] = 0
+                values[i, n + own :] = 0
         if self.sink_rotation is not None:
             keys[:, : self.sink_tokens] = apply_rope(keys[:, : self.sink_tokens], self.sink_rotation)
         for i, (w, frames) in enumerate(zip(self.windows, self.write_frames, strict=True)):
@@ -116,14 +118,9 @@ class BatchKV:
                 w.scatter(block, frames, k[i], v[i])
         return keys, values
 
-    def mask(self, own_tokens: int) -> torch.Tensor | None:
-        """Key-padding mask [B, 1, 1, Lc + L], or None when no slot is padded."""
-        if all(n == self.max_len for n in self.lengths):
-            return None
-        lengths = torch.tensor(self.lengths, device=self.device)
-        ctx_ok = torch.arange(self.max_len, device=lengths.device)[None, :] < lengths[:, None]
-        own_ok = torch.ones(len(self.lengths), own_tokens, dtype=torch.bool, device=lengths.device)
-        return torch.cat([ctx_ok, own_ok], dim=1)[:, None, None, :]
+    def key_lengths(self, own_tokens: int) -> tuple[int, ...]:
+        """Each slot's real keys: its context, then its own tokens (its padding follows)."""
+        return tuple(n + own_tokens for n in self.lengths)
 
 
 def attn_batch(model: Denoiser, kv: BatchKV, slots: tuple[Slot, ...], config: SystemConfig) -> AttnBatch:
@@ -135,7 +132,7 @@ def attn_batch(model: Denoiser, kv: BatchKV, slots: tuple[Slot, ...], config: Sy
     shifts = [sink_shift(f, sink, window) for f in starts]
     if sink and any(shifts):
         kv.sink_rotation = model.time_shift(torch.tensor(shifts, dtype=torch.long))
-    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=kv.mask(cf * grid[0] * grid[1]))
+    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=None, key_lengths=kv.key_lengths(cf * grid[0] * grid[1]))
 
 
 def perstep_batch(
@@ -160,7 +157,7 @@ def perstep_batch(
         n * tpf,
     )
     own = torch.tensor([list(range(f, f + n)) for f in starts], dtype=torch.long)
-    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=kv.mask(model.device))
+    return AttnBatch(kv=kv, q_rope=model.rope(own, grid), mask=None, key_lengths=tuple(kv.lengths))
 
 
 class Stage:

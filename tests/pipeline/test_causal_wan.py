@@ -1,7 +1,10 @@
 """The KV-cached, chunk-by-chunk forward is the block-causal full forward."""
 
+import pytest
 import torch
 
+from pipeline.models.attention import attend
+from pipeline.models.causal_wan import patch_embed
 from pipeline.models.loader import load_models
 from pipeline.reference import forward_one, split_frames
 from tests.conftest import tiny_config
@@ -47,3 +50,26 @@ def test_sigma_and_text_change_the_velocity():
     v3, _ = forward_one(models.dit, config, x[0], 0.9, b, 0, [])
     assert (v1 - v2).abs().max() > 1e-4
     assert (v1 - v3).abs().max() > 1e-4
+
+
+def test_the_patch_embedding_is_wans_conv_and_needs_no_neighbours():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(16, 48, (1, 2, 2), stride=(1, 2, 2))
+    x = torch.randn(3, 16, 2, 8, 6)
+    got = patch_embed(conv, x)
+    assert got.shape == (3, 2 * 4 * 3, 48)
+    torch.testing.assert_close(got, conv(x).flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
+    for i in range(3):
+        assert torch.equal(got[i : i + 1], patch_embed(conv, x[i : i + 1]))  # a slot's tokens, alone or batched
+
+
+def test_attention_of_slots_with_padded_keys_equals_each_slot_alone():
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 2, 24)
+    k, v = torch.randn(3, 12, 2, 24), torch.randn(3, 12, 2, 24)
+    lengths = (12, 4, 8)  # slot i's keys are its first lengths[i]; the rest is padding
+    got = attend(q, k, v, lengths=lengths)
+    for i, n in enumerate(lengths):
+        assert torch.equal(got[i : i + 1], attend(q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n]))
+    with pytest.raises(ValueError, match="lengths"):
+        attend(q, k, v, torch.ones(3, 1, 1, 12, dtype=torch.bool), lengths=lengths)

@@ -53,6 +53,24 @@ def test_executor_equals_reference_loop(context, executor):
             assert diff < ATOL, f"session {name} chunk {c.envelope.chunk_index}: max diff {diff}"
 
 
+@pytest.mark.parametrize("context", ["stream", "clean"])
+def test_a_slot_batched_with_others_gets_the_bits_it_gets_alone(context):
+    """float32, sessions of different ages (contexts of different lengths, padded in a batch): one forward
+    per tick and one forward per slot give the same bits, so splitting a tick into micro-batches (a ring of
+    stages) changes no frame."""
+    config = tiny_config(context=context, sink_frames=1, window_frames=3)
+    models = load_models(config)
+    sessions = {"a": (UserParams(prompt="red sails", seed=1), 6), "b": (UserParams(prompt="blue", seed=2), 4)}
+    runs = {}
+    for executor in ("streambatch", "sequential"):
+        engine = Engine(config, models, executor=make_executor(config, models, executor, keep_latents=True))
+        runs[executor] = run_engine(engine, sessions, join_at={"a": 0, "b": 2})
+        engine.close()
+    for name in sessions:
+        for batched, alone in zip(runs["streambatch"][name], runs["sequential"][name], strict=True):
+            assert torch.equal(batched.latents, alone.latents), (name, batched.envelope.chunk_index)
+
+
 def test_stream_and_clean_rules_differ():
     """The two rules give different pictures from chunk 1 on (chunk 0 has no context)."""
     stream = tiny_config(dtype="float64", context="stream")

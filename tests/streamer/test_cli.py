@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from streamer.cli import main
-from streamer.egress.file import FileWriter
+from streamer.egress.file import FileWriter, PngSequence
 from tests.conftest import ROOT, TINY_32, count_frames, free_port, run_streamer
 
 SMALL = TINY_32
@@ -69,6 +69,53 @@ def test_webm_output(tmp_path):
     assert r.returncode == 0, r.stderr
     frames, codec, _ = read_video(out)
     assert codec == "vp9" and len(frames) == 9
+
+
+def test_lossless_outputs_hold_exactly_the_frames_generated(tmp_path, monkeypatch, capsys):
+    """FFV1 in .mkv and a PNG sequence read back as the same RGB frames, bit for bit; the PNG sequence replaces
+    every file of its pattern (an earlier, longer run's frames go) and leaves nothing hidden behind."""
+    seq = tmp_path / "frames"
+    seq.mkdir()
+    (seq / "00099.png").write_bytes(b"an older run's frame")
+    (seq / "notes.txt").write_text("kept")
+    mkv, pattern = tmp_path / "take.mkv", seq / "%05d.png"
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--prompt", "p", "--frames", "9", "--seed", "3", "--quiet", *SMALL]
+    assert main([*args, "--out", str(mkv), "--also-record", str(pattern)]) == 0, capsys.readouterr().err
+    with av.open(str(mkv)) as c:
+        assert c.streams.video[0].codec_context.name == "ffv1"
+        a = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    with av.open(str(pattern)) as c:
+        b = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert a.shape == (9, 32, 32, 3) and np.array_equal(a, b)
+    assert sorted(p.name for p in seq.iterdir()) == [f"{i:05d}.png" for i in range(9)] + ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "take.mkv"]
+    assert (seq / "00000.png").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_an_aborted_png_sequence_leaves_the_folder_as_it_was(tmp_path):
+    (tmp_path / "00000.png").write_bytes(b"kept")
+    seq = PngSequence(tmp_path / "%05d.png", 32, 32)
+    seq.write(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    assert len(list(tmp_path.iterdir())) == 2  # the old frame and the hidden partial folder
+    seq.abort()
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.png"] and (tmp_path / "00000.png").read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("frames.png", "extension '.png' is not supported; use one of ['.mkv', '.mp4', '.webm', 'DIR/%05d.png']"),
+        ("%05d_%05d.png", "an image sequence is a folder and a name with one counter"),
+        ("%05d.jpg", "an image sequence is a folder and a name with one counter and a .png extension"),
+        ("nowhere/%05d.png", "folder 'nowhere' does not exist"),
+    ],
+)
+def test_a_bad_lossless_output_is_named_and_nothing_is_written(tmp_path, monkeypatch, capsys, out, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--out", out, "--quiet", *SMALL, "--frames", "1"]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_same_seed_same_frames(tmp_path):
