@@ -256,7 +256,7 @@ def stream(
         engine.apply(Demand(sid, half if change else chunks))
     try:
         while any(len(v) < chunks for v in out.values()):
-            for c in engine.step():
+            for c in engine.step().chunks:
                 out[c.envelope.session_id].append(c)
             for i, sid in enumerate(sids):
                 if change is None or sid in changed or len(out[sid]) < half:

@@ -32,8 +32,8 @@ import torch
 from pipeline.commands import Demand, Open
 from pipeline.config import SystemConfig, load_system_config, replace
 from pipeline.engine import Engine
-from pipeline.executor import local_executor
 from pipeline.models.loader import Models, load_models
+from pipeline.stages.local import local_executor
 from pipeline.types import UserParams
 
 PROMPTS = ["a red fox in snow", "waves at night", "a city from above", "rain on glass", "a forest path"]
@@ -92,8 +92,8 @@ def run_round(case: Case, models: Models, config: SystemConfig, warmup: int, tic
             out = engine.step()
             if engine.stats.ticks > before:
                 case.tick_s.append(time.perf_counter() - t0)
-            case.chunks += len(out)
-            case.frames += sum(c.num_frames for c in out)
+            case.chunks += len(out.chunks)
+            case.frames += sum(c.num_frames for c in out.chunks)
         if models.dit.device.type == "cuda":
             torch.cuda.synchronize()
         case.wall_s += time.perf_counter() - start

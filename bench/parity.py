@@ -35,12 +35,12 @@ from diffusers import WanTransformer3DModel
 from pipeline.commands import Demand, Open
 from pipeline.config import build_system_config, load_model_preset
 from pipeline.engine import Engine
-from pipeline.executor import local_executor
 from pipeline.models.causal_wan import CausalWan
 from pipeline.models.convert import wan_original_to_diffusers
-from pipeline.models.loader import DTYPES, Models, cast, random_components
+from pipeline.models.loader import Models, cast, random_components
 from pipeline.models.vae import StreamingVae
 from pipeline.sampling import FlowSampler
+from pipeline.stages.local import local_executor
 from pipeline.types import Envelope, UserParams
 
 SDV2_SHIFT = 8.0  # their WanDiffusionWrapper's FlowMatchScheduler(shift=8.0, sigma_min=0, extra_one_step=True)
@@ -111,7 +111,7 @@ def build_models(bundle: dict[str, Any], config: Any, source: str) -> Models:
     tcfg, state = wan_original_to_diffusers(bundle["state_dict"], source, heads=int(kwargs["num_heads"]))
     transformer = WanTransformer3DModel(**tcfg)
     transformer.load_state_dict(state, strict=True)
-    dtype = DTYPES[config.dtype]
+    dtype = config.torch_dtype
     cast(transformer, torch.device("cpu"), dtype)
     preset = dataclasses.replace(
         load_model_preset("tiny"),
@@ -163,7 +163,7 @@ def run(bundle_path: str, dtype: str = "float32") -> dict[str, Any]:
     steps = config.steps
     inputs = {0: ours(bundle["first_chunk"][0])} | {j + 1: ours(c[0]) for j, c in enumerate(bundle["chunks"])}
     draws = draws_by_key(bundle, steps)
-    torch_dtype = DTYPES[config.dtype]
+    torch_dtype = config.torch_dtype
 
     def replay(env: Envelope, step: int, shape: tuple[int, ...]) -> torch.Tensor:
         t = inputs[env.chunk_index] if step == 0 else draws[(env.chunk_index, step)]
@@ -180,7 +180,7 @@ def run(bundle_path: str, dtype: str = "float32") -> dict[str, Any]:
     got: dict[int, torch.Tensor] = {}
     t0 = time.perf_counter()
     while engine.has_work():
-        for chunk in engine.step():
+        for chunk in engine.step().chunks:
             got[chunk.envelope.chunk_index] = chunk.latents
     seconds = time.perf_counter() - t0
     engine.close()

@@ -40,8 +40,8 @@ from bench.peers.sdv2.source import RegistryUnreachable, peer_source
 from pipeline.commands import Demand, Open
 from pipeline.config import CONTEXTS, ConfigError, SystemConfig, build_system_config
 from pipeline.engine import Engine
-from pipeline.executor import local_executor
 from pipeline.models.loader import Models, load_models
+from pipeline.stages.local import local_executor
 from pipeline.types import UserParams
 
 STEPS = {2: [700, 500], 4: [700, 500, 400, 200]}

@@ -30,10 +30,11 @@ import torch
 from pipeline.commands import Demand, Open
 from pipeline.config import load_system_config
 from pipeline.engine import Engine
-from pipeline.executor import local_executor
 from pipeline.models.loader import load_models
 from pipeline.stages.launch import start_ring
+from pipeline.stages.local import local_executor
 from pipeline.stages.simulator import SimConfig, Simulator, bubble_bound
+from pipeline.start import measure
 from pipeline.types import UserParams
 
 
@@ -66,7 +67,11 @@ def simulated(steps: int, link_s: float, per_slot: float = 0.01) -> list[dict[st
 def real_round(config: Any, stages: int, seconds: float, warm_chunks: int) -> dict[str, Any]:
     models = load_models(config)
     t0 = time.perf_counter()
-    executor = local_executor(config, models) if stages == 1 else start_ring(config, models, stages)
+    executor = (
+        local_executor(config, models)
+        if stages == 1
+        else start_ring(config, models, stages, costs=measure(config, models))
+    )
     start_s = time.perf_counter() - t0
     engine = Engine(config, models, executor=executor)
     try:
@@ -79,7 +84,7 @@ def real_round(config: Any, stages: int, seconds: float, warm_chunks: int) -> di
         while True:
             out = engine.step()
             now = time.monotonic()
-            for c in out:
+            for c in out.chunks:
                 chunks += 1
                 first = first or now
                 if chunks == warm_chunks:

@@ -11,12 +11,13 @@ Bad input (an unknown session, a wrong mode, frames of the wrong shape, an unkno
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pipeline.types import UserParams
+from pipeline.types import DecodedChunk, UserParams
 
 MODES = ("t2v", "v2v")
 
@@ -113,8 +114,12 @@ class SessionStatus:
     denoising: int  # chunks in flight that are not clean yet
     in_flight: int  # chunks in the window, those waiting for their σ=0 write included
     undelivered: int  # chunks of this epoch started and not yet handed out by step() (denoising or decoding)
+    decoding: int  # of those, clean and in the decode phase (or decoded and not yet handed out)
     input: InputNeed  # v2v input; zeros for t2v
     params: UserParams
+    # chunks handed out later than a real-time player that started with the epoch's first chunk needed them;
+    # each restarts that player's clock at the late chunk (a stall, as a viewer sees one), all epochs counted
+    deadline_misses: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,3 +152,19 @@ class CutDone:
 
 
 Result = Opened | Closed | SessionStatus | Submitted | ParamsSet | CutDone
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one :meth:`~pipeline.engine.Engine.step` did, as data (vLLM's ``EngineCoreOutputs``): callers read
+    this, and need not ask the engine again what it just did."""
+
+    tick: int | None  # the tick this step issued (None: nothing could be scheduled; decodes may still have come)
+    chunks: tuple[DecodedChunk, ...]  # decoded since the last step, of current epochs, in order per session
+    sessions: Mapping[str, SessionStatus]  # every open session's status after the step
+    busy: bool  # work is still in flight, waiting to start or being decoded (Engine.has_work after the step)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing was done and nothing is left: more comes only with more input or demand."""
+        return self.tick is None and not self.chunks and not self.busy

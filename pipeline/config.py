@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from pipeline.models.attention import BACKENDS, FLASH_MODULES, backend_installed
@@ -179,6 +180,11 @@ class SystemConfig:
     @property
     def steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The model's dtype (one of :data:`DTYPES`) as torch names it."""
+        return getattr(torch, self.dtype)  # type: ignore[no-any-return]
 
     @property
     def flow_shift(self) -> float:

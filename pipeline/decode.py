@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.stats import PhaseTimer
-from pipeline.types import PTS_CLOCK, DecodedChunk, Envelope, stale
+from pipeline.types import DecodedChunk, Envelope, frame_pts, stale
 
 _STOP = object()
 
@@ -209,7 +209,7 @@ class DecodePhase:
             env = job.envelope
             if rgb.shape[0] != env.num_frames:
                 raise RuntimeError(f"chunk {env.key} decoded to {rgb.shape[0]} frames, expected {env.num_frames}")
-            pts = tuple((env.video_frame + k) * PTS_CLOCK // self.fps for k in range(env.num_frames))
+            pts = tuple(frame_pts(env.video_frame + k, self.fps) for k in range(env.num_frames))
             out.append(DecodedChunk(env, rgb, pts, lat, job.scheduled_at, job.arrived))
         with self._done:
             self._out.extend(out)

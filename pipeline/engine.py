@@ -4,18 +4,20 @@
   params, cut, query) and returns its typed result. Commands are applied between ticks.
 - :meth:`Engine.step` moves the work on by one tick through its phases: intake (frames in, encode)
   -> schedule -> execute (the executor: one process, or a ring of stages) -> update -> decode (its own
-  phase, behind a bounded queue). It returns the chunks decoded since the last call, in order per
-  session, with envelope and pts; with the decode phase in its own thread those were made earlier.
+  phase, behind a bounded queue). It returns a :class:`~pipeline.commands.StepOutput`: the chunks decoded
+  since the last call, in order per session, with envelope and pts (with the decode phase in its own
+  thread those were made earlier), and every session's status after the step.
 
-A server calls both from one worker thread, never from its event loop (``streamer.bridge``).
+Both are called from one thread; a server's is a worker thread, never its event loop (``streamer.bridge``),
+and what feeds the sessions between steps is :class:`pipeline.feeder.Feeder`.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -37,17 +39,18 @@ from pipeline.commands import (
     Result,
     SessionStatus,
     SetParams,
+    StepOutput,
     Submit,
     Submitted,
 )
 from pipeline.config import SystemConfig
-from pipeline.executor import Executor, Velocity, local_executor
+from pipeline.executor import Activations, Control, Denoised, Executor, MicroBatch
 from pipeline.intake import NO_INPUT, Intake
-from pipeline.models.loader import DTYPES, Models, load_models
+from pipeline.models.loader import Models, load_models
 from pipeline.sampling import chunk_noise
 from pipeline.scheduler import NoiseSource, Scheduler, Slot, fold
 from pipeline.stages.dispatch import Dispatcher, TickWork
-from pipeline.stages.stage import Activations, Control, MicroBatch
+from pipeline.stages.local import local_executor
 from pipeline.state import ChunkState, SessionState
 from pipeline.types import DecodedChunk, Envelope, UserParams
 
@@ -87,13 +90,14 @@ class Engine:
         executor: Executor | None = None,
         max_input_chunks: int | None = None,
         noise: NoiseSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.models = models if models is not None else load_models(config)
         self.device = self.models.dit.device
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the VAE's 3-D convolutions see a few fixed shapes
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = config.torch_dtype
         self.executor = executor if executor is not None else local_executor(config, self.models)
         self.timer = self.executor.timer
         self.scheduler = Scheduler(config)
@@ -101,7 +105,7 @@ class Engine:
         self.sessions: dict[str, SessionState] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
-        self._lock = threading.RLock()
+        self.clock = clock  # when chunks are handed out (their deadlines); time.monotonic, or a test's clock
         self._work: TickWork | None = None  # the tick being issued
         self._out: dict[tuple[int, int], _Out] = {}  # micro-batches out, by (tick, index)
         # v2v input chunks a session may have waiting to enter: a file source can run ahead (default
@@ -139,33 +143,32 @@ class Engine:
     def apply(self, command: Command) -> Result:
         """Apply one command between ticks; its typed result. Bad input raises ValueError/KeyError
         naming the field and the value, and changes nothing."""
-        with self._lock:
-            match command:
-                case Open():
-                    return self._open(command)
-                case Close(session_id=sid):
-                    if self.sessions.pop(sid, None) is not None:
-                        self.executor.control(Control(closed=(sid,)))
-                    return Closed(sid)
-                case Demand(session_id=sid, chunks=chunks, exact=exact):
-                    s = self._get(sid, "t2v")
-                    s.demand = max(0, chunks) if exact else s.demand + chunks
-                    return self.status(s)
-                case Submit():
-                    return self._submit(command)
-                case SetParams(session_id=sid, changes=changes):
-                    s = self._get(sid)
-                    s.params = s.params.updated(dict(changes))
-                    return ParamsSet(s.params)
-                case Cut(session_id=sid, demand=demand):
-                    s = self._get(sid)
-                    self.scheduler.cut(s)
-                    self.executor.control(Control(epochs=((sid, s.epoch),)))
-                    if demand is not None and s.mode == "t2v":
-                        s.demand = max(0, demand)
-                    return CutDone(s.epoch, s.next_chunk_index, self.status(s))
-                case Query(session_id=sid):
-                    return self.status(self._get(sid))
+        match command:
+            case Open():
+                return self._open(command)
+            case Close(session_id=sid):
+                if self.sessions.pop(sid, None) is not None:
+                    self.executor.control(Control(closed=(sid,)))
+                return Closed(sid)
+            case Demand(session_id=sid, chunks=chunks, exact=exact):
+                s = self._get(sid, "t2v")
+                s.demand = max(0, chunks) if exact else s.demand + chunks
+                return self.status(s)
+            case Submit():
+                return self._submit(command)
+            case SetParams(session_id=sid, changes=changes):
+                s = self._get(sid)
+                s.params = s.params.updated(dict(changes))
+                return ParamsSet(s.params)
+            case Cut(session_id=sid, demand=demand):
+                s = self._get(sid)
+                self.scheduler.cut(s)
+                self.executor.control(Control(epochs=((sid, s.epoch),)))
+                if demand is not None and s.mode == "t2v":
+                    s.demand = max(0, demand)
+                return CutDone(s.epoch, s.next_chunk_index, self.status(s))
+            case Query(session_id=sid):
+                return self.status(self._get(sid))
         raise TypeError(f"command={command!r} is not allowed: one of {Command}")
 
     def _open(self, command: Open) -> Opened:
@@ -210,6 +213,7 @@ class Engine:
         return s
 
     def status(self, s: SessionState) -> SessionStatus:
+        denoising = sum(1 for c in s.in_flight if not c.clean and not c.phantom)
         return SessionStatus(
             session_id=s.session_id,
             mode=s.mode,
@@ -217,44 +221,50 @@ class Engine:
             next_chunk_index=s.next_chunk_index,
             next_video_frame=s.next_video_frame,
             demand=s.demand,
-            denoising=sum(1 for c in s.in_flight if not c.clean and not c.phantom),
+            denoising=denoising,
             in_flight=sum(1 for c in s.in_flight if not c.phantom),  # a per-step phantom is no chunk of the session
             undelivered=s.undelivered,
+            decoding=s.undelivered - denoising,
             input=s.intake.need() if s.intake is not None else NO_INPUT,
             params=s.params,
+            deadline_misses=s.deadline_misses,
         )
 
     # ---- the tick -----------------------------------------------------------------------------
 
     def has_work(self) -> bool:
         """Something is in flight, waiting to start, or being decoded."""
-        with self._lock:
-            return (
-                self._work is not None
-                or bool(self._out)
-                or self.executor.pending() > 0
-                or any(
-                    s.in_flight or s.has_input() or (s.intake is not None and s.intake.ready())
-                    for s in self.sessions.values()
-                )
+        return (
+            self._work is not None
+            or bool(self._out)
+            or self.executor.pending() > 0
+            or any(
+                s.in_flight or s.has_input() or (s.intake is not None and s.intake.ready())
+                for s in self.sessions.values()
             )
+        )
 
-    def step(self) -> list[DecodedChunk]:
+    def step(self) -> StepOutput:
         """One tick: intake, then the next tick planned, committed and issued whole, each micro-batch
-        as soon as its inputs are back; returns the chunks decoded since the last call. Commands come
-        between steps, so never inside a tick."""
-        with self._lock:
-            t0 = time.perf_counter()
-            self._intake()
-            out = self._take(self.executor.poll(0.0))
-            if not self._commit():
-                return out + self._take(self.executor.poll(WAIT_S if self.executor.pending() else 0.0))
-            while self._work is not None:
-                if not self._issue():
-                    out += self._take(self.executor.poll(WAIT_S))  # its inputs are on their way back
-            out += self._take(self.executor.poll(0.0))
-            self.stats.tick_seconds.append(time.perf_counter() - t0)
-            return out
+        as soon as its inputs are back; the chunks decoded since the last call and where every session
+        stands. Commands come between steps, so never inside a tick."""
+        t0 = time.perf_counter()
+        self._intake()
+        out = self._take(self.executor.poll(0.0))
+        tick = self.stats.ticks
+        if not self._commit():
+            out += self._take(self.executor.poll(WAIT_S if self.executor.pending() else 0.0))
+            return self._output(None, out)
+        while self._work is not None:
+            if not self._issue():
+                out += self._take(self.executor.poll(WAIT_S))  # its inputs are on their way back
+        out += self._take(self.executor.poll(0.0))
+        self.stats.tick_seconds.append(time.perf_counter() - t0)
+        return self._output(tick, out)
+
+    def _output(self, tick: int | None, chunks: list[DecodedChunk]) -> StepOutput:
+        sessions = {sid: self.status(s) for sid, s in self.sessions.items()}
+        return StepOutput(tick, tuple(chunks), sessions, self.has_work())
 
     def _intake(self) -> None:
         for s in self.sessions.values():
@@ -322,20 +332,20 @@ class Engine:
         chunks of current epochs, in order, and count them out."""
         out = []
         for event in events:
-            if isinstance(event, Velocity):
+            if isinstance(event, Denoised):
                 self._fold(event)
                 continue
             env = event.envelope
             s = self.sessions.get(env.session_id)
             if s is None or env.stale(s.epoch):
                 continue  # closed, or cut since: its frames never appear
-            self.scheduler.delivered(s, env)
+            self.scheduler.delivered(s, env, self.clock())
             self.stats.chunks_out += 1
             self.stats.frames_out += event.num_frames
             out.append(event)
         return out
 
-    def _fold(self, result: Velocity) -> None:
+    def _fold(self, result: Denoised) -> None:
         done = self._out.pop((result.tick, result.index))
         self.dispatch.returned()
         group = done.work.groups[done.index]
@@ -344,7 +354,7 @@ class Engine:
             s = self.sessions.get(slot.envelope.session_id)
             if s is None or slot.envelope.stale(s.epoch):
                 continue
-            fold(chunk, slot, done.x[j], done.sigma[j : j + 1], result.velocity[j], self.models.sampler, self.noise)
+            fold(chunk, slot, done.x[j], done.sigma[j : j + 1], result.x0[j], self.models.sampler, self.noise)
 
 
 def _ready(chunk: ChunkState) -> bool:

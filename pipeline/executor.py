@@ -1,29 +1,25 @@
-"""Executors run the micro-batches the engine issues; they decide nothing (DESIGN §6).
+"""The executor contract and the messages that cross it; executors run the micro-batches the engine issues
+and decide nothing (DESIGN §6).
 
 An executor is handed to the engine as an instance. It says how a tick's slots are split into
 micro-batches (:meth:`Executor.split`), takes them (:meth:`Executor.submit`) and hands back events
-(:meth:`Executor.poll`): each micro-batch's velocity, and decoded chunks from the decode phase.
+(:meth:`Executor.poll`): each micro-batch's x0, and decoded chunks from the decode phase. The executors
+live in :mod:`pipeline.stages`: :class:`~pipeline.stages.local.LocalExecutor` (this process, one stage
+owning every block) and :class:`~pipeline.stages.ring.RingExecutor` (the blocks over S processes).
 
-- :class:`LocalExecutor`: every stage in this process, one :class:`~pipeline.stages.stage.Stage` that
-  owns every block. ``batching="tick"`` is the StreamBatch: every slot of the tick, from every
-  session, in one batched forward. ``batching="slot"`` is the sequential baseline: one forward per
-  slot, the same visibility rule (writes held back to the tick's end).
-- :class:`pipeline.stages.ring.RingExecutor`: the blocks spread over S processes in a ring.
+The messages are what a micro-batch is (:class:`MicroBatch`), what travels with it from stage to stage
+(:class:`Activations`), session changes every stage applies in order (:class:`Control`) and a
+micro-batch's result (:class:`Denoised`).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from pipeline.config import SystemConfig
-from pipeline.decode import DecodePhase
-from pipeline.models.loader import Models
 from pipeline.scheduler import Slot, TickPlan
-from pipeline.stages.stage import Activations, Control, MicroBatch, Stage
 from pipeline.stats import PhaseTimer
 from pipeline.types import DecodedChunk
 
@@ -31,15 +27,51 @@ BATCHINGS = ("tick", "slot", "step")
 
 
 @dataclass(frozen=True)
-class Velocity:
-    """A micro-batch's result."""
+class Control:
+    """Session changes every stage applies, in order with the work around them."""
+
+    epochs: tuple[tuple[str, int], ...] = ()  # (session, its epoch) after a cut: KV windows and decoder start over
+    closed: tuple[str, ...] = ()  # sessions closed: everything of theirs is freed
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Slots of one tick that travel the stages together."""
+
+    tick: int
+    index: int  # its place among the tick's micro-batches
+    slots: tuple[Slot, ...]
+    first_of_tick: bool
+    last_of_tick: bool  # after it, this tick's writes become visible
+    timing: tuple[tuple[float, tuple[float, ...]], ...]  # per slot: (scheduled_at, input arrival times)
+
+
+@dataclass
+class Activations:
+    """What passes from stage to stage for one micro-batch of B slots, on the stage's device."""
+
+    x: torch.Tensor  # [B, C, F, h, w] model dtype: each slot's input (the last stage makes x0 from it)
+    sigma: torch.Tensor  # [B] float32
+    text: torch.Tensor | None = None  # [B, Lt, Dt] text conditioning: into the first stage only
+    time: torch.Tensor | None = None  # [B] float32 the model's time input (None: 1000·σ): into the first stage only
+    hidden: torch.Tensor | None = None  # [B, L, E] between stages
+    temb: torch.Tensor | None = None  # [B, E]
+    tproj: torch.Tensor | None = None  # [B, 6, E]
+    enc: torch.Tensor | None = None  # [B, Lt, E] text states
+    x0: torch.Tensor | None = None  # [B, C, F, h, w] out of the last stage: each slot's x0 (the sampler's reading)
+
+
+@dataclass(frozen=True)
+class Denoised:
+    """A micro-batch's result: each slot's x0, as the model's sampler reads the model's output (the last stage
+    computes it once; the engine's update step makes the next input from it)."""
 
     tick: int
     index: int
-    velocity: torch.Tensor  # [B, C, F, h, w] on the engine's device
+    x0: torch.Tensor  # [B, C, F, h, w] on the engine's device
 
 
-Event = Velocity | DecodedChunk
+Event = Denoised | DecodedChunk
 
 
 class Executor(Protocol):
@@ -105,65 +137,3 @@ def _split(slots: tuple[Slot, ...], batching: str, stages: int) -> list[tuple[in
             for sid in dict.fromkeys(slots[i].envelope.session_id for i in g)
         ]
     return groups
-
-
-class LocalExecutor:
-    """The one-stage case: the stage runs each micro-batch at once, in this thread."""
-
-    stages = 1
-    capacity = 1 << 30  # nothing to bound: a micro-batch is done when submit returns
-
-    def __init__(self, stage: Stage, batching: str = "tick") -> None:
-        if not (stage.first and stage.last):
-            raise ValueError(f"a local executor runs every block; stage {stage.blocks} is not all of them")
-        if batching not in BATCHINGS:
-            raise ValueError(f"batching={batching!r} is not allowed: one of {BATCHINGS}")
-        self.stage = stage
-        self.batching = batching
-        self.timer = stage.timer
-        assert stage.decoder is not None
-        self.decoder: DecodePhase = stage.decoder
-        self.decode_depth = 1 if self.decoder.threaded else 0
-        self.blocks = (stage.blocks,)
-        self._results: deque[Velocity] = deque()
-
-    def split(self, plan: TickPlan) -> list[tuple[int, ...]]:
-        return split_slots(plan.slots, self.batching)
-
-    def submit(self, mb: MicroBatch, act: Activations) -> None:
-        out = self.stage.run(mb, act)
-        assert out.velocity is not None
-        self._results.append(Velocity(mb.tick, mb.index, out.velocity))
-
-    def control(self, control: Control) -> None:
-        self.stage.apply(control)  # in one process nothing is on its way: at once is in order
-
-    def poll(self, timeout: float) -> list[Event]:
-        events: list[Event] = list(self._results)
-        self._results.clear()
-        events += self.decoder.take(0.0 if events else timeout)
-        return events
-
-    def pending(self) -> int:
-        return len(self._results) + self.decoder.pending
-
-    def close(self) -> None:
-        self.decoder.stop()
-
-
-def local_executor(
-    config: SystemConfig,
-    models: Models,
-    batching: str = "tick",
-    threaded_decode: bool | None = None,
-    keep_latents: bool = False,
-    decode_bound: int | None = None,
-) -> LocalExecutor:
-    """The model in this process: StreamBatch (``tick``) or sequential (``slot``) micro-batches, the
-    decode phase in its own thread (``threaded_decode``; None: as the config says) or inline."""
-    timer = PhaseTimer(models.dit.device.type)
-    bound = decode_bound or max(2, config.max_sessions)
-    threaded = config.threaded_decode if threaded_decode is None else threaded_decode
-    decoder = DecodePhase(models.vae, config.fps, bound, threaded, keep_latents, timer)
-    stage = Stage(models.dit, config, range(models.dit.num_blocks), models.sampler, decoder, timer)
-    return LocalExecutor(stage, batching)

@@ -33,7 +33,6 @@ from pipeline.types import shown, within
 GIB = 1 << 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 PCIE_GBPS = {"PCIe Gen4 x16": 25.0, "PCIe Gen5 x16 (H100)": 55.0}  # host-to-device copy, GB/s, practical
-OFFLOADS = ("none", "text", "swap", "layers")
 BUILT_OFFLOADS = ("none", "text")
 # what diffusers' WanTransformer3DModel and transformers' UMT5 keep in float32 at half precision
 # (``_keep_in_fp32_modules``; :func:`pipeline.models.loader.cast` honours them)

@@ -107,13 +107,15 @@ def reference_session(
 
         x = chunk_noise(params.seed, epoch, ci, 0, shape, dtype, device)
         for i in range(steps):
-            velocity, written = forward_one(model, config, x, sigmas[i], text, f0, context_at(i))
+            output, written = forward_one(model, config, x, sigmas[i], text, f0, context_at(i))
             versions[(j, i)] = split_frames(written, cf)
             sigma = torch.tensor([sigmas[i]], device=device)
-            x0 = sampler.x0(x[None], sigma, velocity[None])[0]
+            x0 = sampler.x0(x[None], sigma, output[None])[0]
             if i + 1 < steps:
-                fresh = chunk_noise(params.seed, epoch, ci, i + 1, shape, dtype, device)
-                x = sampler.next_input(x[None], sigma, velocity[None], sigmas[i + 1], fresh[None])[0]
+                fresh = None
+                if sampler.fresh_noise:
+                    fresh = chunk_noise(params.seed, epoch, ci, i + 1, shape, dtype, device)[None]
+                x = sampler.next_input(x[None], sigma, x0[None], sigmas[i + 1], fresh)[0]
         outputs.append(x0)
         _, written = forward_one(model, config, x0, 0.0, text, f0, context_at(steps))
         versions[(j, steps)] = split_frames(written, cf)

@@ -116,8 +116,10 @@ class FlowSampler:
     ``prediction`` is what the model's output means. ``velocity`` (every Wan model): v = ε − x0. ``x0`` (the
     demo): the clean latents themselves, so v = (x_σ − x0)/σ. A small model trained from scratch learns x0
     at σ = 1 (the picture its prompt and context call for) where a velocity net must copy its input noise
-    through to draw anything. The engine passes the model's output here under the name ``velocity`` either
-    way; every σ the engine steps at is > 0 (``validate_sigmas``)."""
+    through to draw anything. :meth:`x0` is the one place the model's output is read (the last stage calls it
+    once per slot); the update step works from x0. Every σ the engine steps at is > 0 (``validate_sigmas``)."""
+
+    fresh_noise = True  # next_input needs fresh noise (the engine draws it only for a sampler that does)
 
     def __init__(self, prediction: str = "velocity") -> None:
         if prediction not in PREDICTIONS:
@@ -125,21 +127,20 @@ class FlowSampler:
         self.prediction = prediction
 
     def x0(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The model's ``output`` for input ``x`` at ``sigma`` ([B]) read as the clean latents."""
         return output if self.prediction == "x0" else to_x0(x, sigma, output)
-
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The flow's velocity ``v = ε − x0`` from the model's output at input ``x``, ``sigma`` ([B])."""
-        return (x - output) / _bcast(sigma, x) if self.prediction == "x0" else output
 
     def noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
         return add_noise(x0, sigma, noise)
 
     def next_input(
-        self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor, sigma_next: float, noise: torch.Tensor
+        self, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, sigma_next: float, noise: torch.Tensor | None
     ) -> torch.Tensor:
-        """The next step's input from this step's input ``x`` at ``sigma`` ([B]) and the model's velocity:
-        x0, noised again with fresh ``noise`` to ``sigma_next``."""
-        return self.noised(self.x0(x, sigma, velocity), sigma_next, noise)
+        """The next step's input from this step's input ``x`` at ``sigma`` ([B]) and its ``x0``: x0 noised
+        again with fresh ``noise`` to ``sigma_next``."""
+        if noise is None:
+            raise ValueError("this sampler draws on fresh noise at every step; none was given")
+        return self.noised(x0, sigma_next, noise)
 
 
 class EulerSampler(FlowSampler):
@@ -148,17 +149,27 @@ class EulerSampler(FlowSampler):
     only by flow matching (the ``demo``) needs to sample in few steps: with fresh noise at every step its
     first chunk, which has no context, would stay the mean of every picture the prompt allows (a blur);
     the kept noise is what decides where its objects are. The chunk's first noise still comes from the
-    seed, so the same seed gives the same frames."""
+    seed, so the same seed gives the same frames. The velocity is read from x0: ``v = (x − x0)/σ``."""
+
+    fresh_noise = False
 
     def next_input(
-        self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor, sigma_next: float, noise: torch.Tensor
+        self, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, sigma_next: float, noise: torch.Tensor | None
     ) -> torch.Tensor:
-        return x + (sigma_next - _bcast(sigma, x)) * self.velocity(x, sigma, velocity)
+        s = _bcast(sigma, x)
+        return x + (sigma_next - s) * ((x - x0) / s)
 
 
 class IdentitySampler(FlowSampler):
     """The passthrough model's: latents are never noised (its denoiser is the identity, velocity 0), so
     frames come out exactly as they went in."""
 
+    fresh_noise = False
+
     def noised(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+        return x0
+
+    def next_input(
+        self, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, sigma_next: float, noise: torch.Tensor | None
+    ) -> torch.Tensor:
         return x0

@@ -35,7 +35,7 @@ import torch
 from pipeline.config import SystemConfig
 from pipeline.sampling import FlowSampler, strength_sigmas, table_sigma
 from pipeline.state import ChunkState, SessionState
-from pipeline.types import PTS_CLOCK, Envelope
+from pipeline.types import Envelope, frame_pts
 from pipeline.window import context_frames
 
 # ε of a chunk entering a step: (envelope, step, shape) -> tensor (the engine's keyed noise by default).
@@ -131,7 +131,7 @@ class Scheduler:
             chunk_index=s.next_chunk_index,
             frame_start=s.next_frame,
             video_frame=s.next_video_frame,
-            pts=s.next_video_frame * PTS_CLOCK // self.config.fps,
+            pts=frame_pts(s.next_video_frame, self.config.fps),
             num_frames=n,
             params=s.params,
         )
@@ -197,10 +197,18 @@ class Scheduler:
         s.next_video_frame += env.num_frames
         return chunk
 
-    def delivered(self, s: SessionState, env: Envelope) -> None:
-        """A chunk of the current epoch was handed out (decoded), in order."""
+    def delivered(self, s: SessionState, env: Envelope, now: float) -> None:
+        """A chunk of the current epoch was handed out (decoded), in order, at ``now`` (seconds). Its deadline:
+        when a real-time player that started with the epoch's first chunk reaches its first frame; a chunk
+        later than that is a miss, and the player restarts from it (as a stalled video does)."""
         s.undelivered -= 1
         s.delivered_video_frame = env.video_frame + env.num_frames
+        if s.played_from is not None:
+            since, frame = s.played_from
+            if now <= since + (env.video_frame - frame) / self.config.fps:
+                return
+            s.deadline_misses += 1
+        s.played_from = (now, env.video_frame)
 
     def cut(self, s: SessionState) -> None:
         """Hard cut: a new epoch with an empty context. Chunks not yet handed out never will be, so the
@@ -210,6 +218,7 @@ class Scheduler:
         s.next_frame = 0
         s.next_video_frame = s.delivered_video_frame
         s.undelivered = 0
+        s.played_from = None  # the new epoch's first chunk starts the player again
         if s.intake is not None:
             s.intake.reset()
 
@@ -219,18 +228,19 @@ def fold(
     slot: Slot,
     x: torch.Tensor,
     sigma: torch.Tensor,
-    velocity: torch.Tensor,
+    x0: torch.Tensor,
     sampler: FlowSampler,
     noise: NoiseSource,
 ) -> None:
-    """A slot's result comes back: x [C, F, h, w] was its input at ``sigma`` ([1] tensor). After the
-    last step the chunk holds x0 (for its σ=0 write); before it, the next step's input with fresh noise
-    from ``noise`` (the engine's, keyed by seed, epoch, chunk and step). The σ=0 write's result is not used."""
+    """A slot's result comes back: x [C, F, h, w] was its input at ``sigma`` ([1] tensor), ``x0`` [C, F, h, w]
+    what the last stage read from the model's output. After the last step the chunk holds x0 (for its σ=0
+    write); before it, the next step's input, with fresh noise from ``noise`` (the engine's, keyed by seed,
+    epoch, chunk and step) where the sampler uses any. The σ=0 write's result is not used."""
     if slot.is_write:
         return
     if slot.last_step:
-        chunk.x = sampler.x0(x[None], sigma, velocity[None])[0]
+        chunk.x = x0
         return
     step = slot.step + 1
-    fresh = noise(chunk.envelope, step, tuple(x.shape))
-    chunk.x = sampler.next_input(x[None], sigma, velocity[None], chunk.sigmas[step], fresh[None])[0]
+    fresh = noise(chunk.envelope, step, tuple(x.shape))[None] if sampler.fresh_noise else None
+    chunk.x = sampler.next_input(x[None], sigma, x0[None], chunk.sigmas[step], fresh)[0]

@@ -65,6 +65,10 @@ class SessionState:
     undelivered: int = 0  # chunks started in this epoch and not yet handed out (denoising or decoding)
     in_flight: list[ChunkState] = field(default_factory=list)  # oldest first
     demand: int = 0  # t2v: chunks asked for and not yet started
+    # a real-time player of the output (the deadline of each chunk handed out): (when, video frame) it was at
+    # when it last (re)started, None before the epoch's first chunk; the chunks that came too late for it
+    played_from: tuple[float, int] | None = None
+    deadline_misses: int = 0
 
     def has_input(self) -> bool:
         if self.intake is not None:

@@ -10,6 +10,13 @@ import numpy as np
 
 PTS_CLOCK = 90_000  # pts ticks per second (the RTP video clock)
 
+
+def frame_pts(video_frame: int, fps: int) -> int:
+    """The pts (90 kHz) of a video frame of a session's output timeline: the one rule, for a chunk's first
+    frame (its envelope) and for each of its frames (the decode phase)."""
+    return video_frame * PTS_CLOCK // fps
+
+
 MAX_PROMPT_CHARS = 2000
 SHOWN_DIGITS = 40  # an error message shows a number of more digits shortened
 SHOWN_CHARS = 200  # and a text (a path, a prompt) or another value of a longer repr

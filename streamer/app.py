@@ -28,7 +28,7 @@ from pipeline.config import REPO_ROOT, SystemConfig
 from pipeline.engine import Engine, SessionLimitError
 from pipeline.models.loader import Models, load_models
 from pipeline.models.text import WordTokenizer
-from pipeline.stages.launch import make_executor
+from pipeline.start import make_executor
 from streamer.bridge import EngineBridge
 from streamer.datachannel import bound_messages
 from streamer.guard import BODY_SECONDS, Access, error, middleware, normal_origin, read_json, server_names
@@ -133,7 +133,7 @@ async def answer(state: ServerState, parsed: Offer, slot: object) -> web.Respons
 
     @pc.on("track")
     def on_track(track: Any) -> None:
-        if track.kind == "video" and parsed.mode == "v2v" and session.chunker is None:
+        if track.kind == "video" and parsed.mode == "v2v" and not session.reading:
             session.attach_input(track)
 
     @pc.on("connectionstatechange")

@@ -2,8 +2,10 @@
 
 The loop never waits on the model. Commands (:mod:`pipeline.commands`: data, never closures) go to the
 worker through ``D_in``, a bounded queue: when it is full a caller's coroutine waits for room
-(backpressure) while the loop keeps running; the worker applies them between ticks with
-``Engine.apply`` and the typed result (or the error) comes back through a future. Decoded chunks come
+(backpressure) while the loop keeps running; the worker applies them between steps and the typed result
+(or the error) comes back through a future. The worker drives the engine with the one feed loop
+(:class:`pipeline.feeder.Feeder`): a v2v session's frames are pulled from its source (the session's
+chunker, which wakes the worker when frames come), never polled for. Decoded chunks come
 back through ``D_out``: each session has a bounded asyncio queue that drops its oldest chunk when full
 (a v2v client that stopped reading: newest wins), and t2v sessions only ask the engine for as many
 chunks as their credits allow (:class:`Credits`; credits handed back coalesce into one ``Demand``
@@ -42,13 +44,14 @@ from pipeline.commands import (
     Submitted,
 )
 from pipeline.engine import Engine
+from pipeline.feeder import Feeder, FrameSource
 from pipeline.types import DecodedChunk, UserParams, shown, within
 
 MAX_D_IN = 4096  # commands waiting for the engine thread
 MAX_D_OUT = 64  # decoded chunks waiting per session
 
 _STOP = object()
-_WAKE = object()  # wakes an idle engine thread: credits were given (at most one in D_in at a time)
+_WAKE = object()  # wakes an idle engine thread: credits were given, or frames came (at most one in D_in at once)
 
 
 @dataclass
@@ -124,7 +127,7 @@ class EngineBridge:
         # applied by the engine thread before each tick.
         self._grants: dict[str, int] = {}
         self._grants_lock = threading.Lock()
-        self._wake_queued = False  # a wake marker is in D_in: later grants ride on it
+        self._wake_queued = False  # a wake marker is in D_in: later grants and frames ride on it
         self._epochs: dict[str, int] = {}  # each session's epoch: chunks of older ones give no credit back
         self._cutting: set[str] = set()  # sessions whose cut is on its way to the engine
         self._room: asyncio.Semaphore | None = None
@@ -170,7 +173,7 @@ class EngineBridge:
     # ---- commands (loop side) -----------------------------------------------------------------
 
     @overload
-    async def apply(self, command: Open) -> Opened: ...
+    async def apply(self, command: Open, source: FrameSource | None = None) -> Opened: ...
     @overload
     async def apply(self, command: Close) -> Closed: ...
     @overload
@@ -182,8 +185,9 @@ class EngineBridge:
     @overload
     async def apply(self, command: Cut) -> CutDone: ...
 
-    async def apply(self, command: Command) -> Result:
-        """Apply ``command`` on the engine thread between ticks; its result, or its exception."""
+    async def apply(self, command: Command, source: FrameSource | None = None) -> Result:
+        """Apply ``command`` on the engine thread between steps; its result, or its exception. ``source``: an
+        ``Open``'s v2v input, which the engine thread's feeder pulls frames from."""
         if self._loop is None or self._room is None:
             raise RuntimeError("EngineBridge.start() was not awaited")
         if self._failed is not None:
@@ -191,8 +195,16 @@ class EngineBridge:
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         await self._room.acquire()  # D_in: wait for room without blocking the loop
         self._queued += 1
-        self._commands.put_nowait((command, future))
+        self._commands.put_nowait((command, future, source))
         return await asyncio.wrap_future(future)
+
+    def wake(self) -> None:
+        """Wake an idle engine thread (frames came for a v2v session); from any thread, never blocks, and
+        wakes pending at once coalesce into one."""
+        with self._grants_lock:
+            wake, self._wake_queued = not self._wake_queued, True
+        if wake:
+            self._commands.put_nowait(_WAKE)
 
     def _grant(self, sid: str, chunks: int) -> None:
         """Give a t2v session ``chunks`` more credits without waiting for the engine: it applies them
@@ -200,11 +212,9 @@ class EngineBridge:
         until the running tick ends."""
         with self._grants_lock:
             self._grants[sid] = self._grants.get(sid, 0) + chunks
-            wake, self._wake_queued = not self._wake_queued, True
-        if wake:
-            self._commands.put_nowait(_WAKE)
+        self.wake()
 
-    def _apply_grants(self, woken: bool = False) -> None:
+    def _apply_grants(self, feeder: Feeder, woken: bool = False) -> None:
         """Pass the credits given so far to the engine, one Demand per session (``woken``: called for
         the wake marker)."""
         with self._grants_lock:
@@ -213,10 +223,11 @@ class EngineBridge:
                 self._wake_queued = False
         for sid, chunks in grants.items():
             with contextlib.suppress(KeyError):  # closed meanwhile
-                self.engine.apply(Demand(sid, chunks))
+                feeder.apply(Demand(sid, chunks))
 
-    async def open_session(self, params: UserParams, mode: str) -> str:
-        opened = await self.apply(Open(params, mode))
+    async def open_session(self, params: UserParams, mode: str, source: FrameSource | None = None) -> str:
+        """A session: t2v, fed by credits; v2v, fed from ``source`` (the session's chunker)."""
+        opened = await self.apply(Open(params, mode), source)
         sid = opened.session_id
         self._epochs[sid] = opened.status.epoch
         if mode == "t2v":
@@ -310,12 +321,13 @@ class EngineBridge:
     def _run(self) -> None:
         assert self._loop is not None
         loop = self._loop
+        feeder = Feeder(self.engine)  # the one feed loop, on this thread
         try:
             while True:
-                self._apply_grants()
+                self._apply_grants(feeder)
                 idle = not self.engine.has_work()
                 try:
-                    # Wait for a command only when there is nothing to compute.
+                    # Wait for a command (or a wake) only when there is nothing to compute.
                     item = self._commands.get(timeout=0.05) if idle else self._commands.get_nowait()
                 except queue.Empty:
                     item = None
@@ -323,26 +335,24 @@ class EngineBridge:
                     if item is _STOP:
                         return
                     if item is _WAKE:
-                        self._apply_grants(woken=True)
+                        self._apply_grants(feeder, woken=True)
                         item = self._next_command()
                         continue
                     loop.call_soon_threadsafe(self._release_room)
-                    command, future = item
+                    command, future, source = item
                     if future.set_running_or_notify_cancel():
                         try:
-                            future.set_result(self.engine.apply(command))
+                            result = feeder.apply(command) if source is None else feeder.open(command, source)
+                            future.set_result(result)
                         except Exception as e:  # bad input reaches the caller, the engine goes on
                             future.set_exception(e)
                     self.stats.commands += 1
                     item = self._next_command()
-                if not self.engine.has_work():
-                    continue
-                ticks = self.engine.stats.ticks
-                chunks = self.engine.step()
-                if self.engine.stats.ticks > ticks:
+                out = feeder.step()
+                if out.tick is not None:
                     self.stats.ticks += 1
                     self.stats.tick_times.append(time.monotonic())
-                for chunk in chunks:
+                for chunk in out.chunks:
                     loop.call_soon_threadsafe(self._deliver, chunk)
         except BaseException as e:  # a stage that died, or a bug: every caller hears of it
             self._failed = e
@@ -355,7 +365,7 @@ class EngineBridge:
         """Commands still in D_in get the engine's failure as their answer, not a wait for ever."""
         while (item := self._next_command()) is not None:
             if isinstance(item, tuple):
-                _, future = item
+                _, future, _ = item
                 if future.set_running_or_notify_cancel():
                     future.set_exception(RuntimeError(f"the engine stopped: {error!r}"))
 

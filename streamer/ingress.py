@@ -1,4 +1,5 @@
-"""Frames in: a video file (or anything PyAV opens), resampled to the model's fps and size.
+"""Frames in: a video file (or anything PyAV opens), resampled to the model's fps and size, as the sources
+the one feeder pulls from (:class:`pipeline.feeder.FrameSource`: ``take(n, wait)``).
 
 Resampling in time keeps, for output frame k at time k/fps, the newest input frame shown at or
 before that time (frames are repeated or skipped as the rates differ). In space the picture is
@@ -7,6 +8,7 @@ centre-cropped to the output's aspect ratio, then scaled.
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import threading
@@ -18,6 +20,8 @@ from urllib.parse import urlsplit
 
 import av
 import numpy as np
+
+from pipeline.config import SystemConfig
 
 
 class InputError(ValueError):
@@ -62,6 +66,7 @@ class VideoFileSource:
             self._container.close()
             raise InputError(f"input {self.path!r} has no video stream")
         self._frames = self._decode()
+        self._timed: Iterator[tuple[np.ndarray, float]] | None = None
         try:
             self._first: np.ndarray | None = next(self._frames)
         except StopIteration:
@@ -99,6 +104,13 @@ class VideoFileSource:
     def timed(self) -> Iterator[tuple[np.ndarray, float]]:
         """Each frame with the time it was read (a file has no other arrival)."""
         return ((frame, time.monotonic()) for frame in self)
+
+    def take(self, n: int, wait: bool) -> list[tuple[np.ndarray, float]] | None:
+        """The next ``n`` frames (fewer at the end; None after it): a file is read as fast as it is asked."""
+        if self._timed is None:
+            self._timed = self.timed()
+        frames = list(itertools.islice(self._timed, n))
+        return frames or None
 
     def close(self) -> None:
         self._container.close()
@@ -157,6 +169,28 @@ class LiveSource:
     def __iter__(self) -> Iterator[np.ndarray]:
         return (frame for frame, _ in self.timed())
 
+    def take(self, n: int, wait: bool) -> list[tuple[np.ndarray, float]] | None:
+        """The newest ``n`` frames waiting, dropping (and counting) older ones; ``[]`` while fewer than ``n`` wait,
+        unless ``wait`` (the engine has nothing else to do), which blocks until they come; what is left once
+        the input ends, then None."""
+        with self._cond:
+            if wait:
+                self._cond.wait_for(lambda: len(self._frames) >= n or self._ended)
+            if len(self._frames) >= n:
+                while len(self._frames) > n:
+                    self._frames.popleft()
+                    self.dropped += 1
+                frames = list(self._frames)
+                self._frames.clear()
+                return frames
+            if not self._ended:
+                return []
+            if self._error is not None:
+                raise InputError(f"input {self.path!r} failed: {self._error}")
+            rest = list(self._frames)
+            self._frames.clear()
+            return rest or None
+
     def timed(self) -> Iterator[tuple[np.ndarray, float]]:
         """Each frame with the time it arrived (time.monotonic() when the reader thread got it)."""
         while True:
@@ -175,3 +209,10 @@ class LiveSource:
         input that has stalled may keep it waiting: it is a daemon thread and ends with the process."""
         self._stop = True
         self._thread.join(timeout=5)
+
+
+def open_input(path: str, config: SystemConfig) -> VideoFileSource | LiveSource:
+    """A file is read as fast as the engine takes it; a live input (a stream URL, a device, a pipe)
+    in real time by its own thread, keeping at most one second of frames."""
+    source = VideoFileSource(path, config.width, config.height, config.fps)
+    return LiveSource(source, max_frames=config.fps) if is_live(path) else source

@@ -2,7 +2,7 @@
 
 Data flow of a session (DESIGN §3):
   bridge D_out ──► reorder (epoch, chunk_index) ──► frame buffer (bounded, blocks) ──► paced track
-  v2v: remote track ──► chunker (newest wins) ──► bridge submit
+  v2v: remote track ──► chunker (newest wins) ──► the engine thread's feeder takes what it wants
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any, NamedTuple
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
-from pipeline.commands import ParamsSet, Query, SessionStatus, SetParams, Submitted
-from pipeline.feeder import Feeder
+from pipeline.commands import ParamsSet, SetParams
 from pipeline.types import UserParams, shown, stale
 from streamer.bridge import EngineBridge
 from streamer.chunker import Chunker
@@ -112,7 +111,10 @@ class Session:
         # One chunk's frames: the pump blocks on it, so chunks wait in D_out, where a cut can drop them.
         self.frames: asyncio.Queue[OutFrame] = asyncio.Queue(maxsize=frames_per_chunk)
         self.track = PacedVideoTrack(self.frames.get, lambda: self.epoch, self._sent, self._stale, pace)
-        self.chunker: Chunker | None = None
+        height, width = frame_size
+        # v2v: where the remote track's frames wait for the engine thread's feeder (it wakes that thread)
+        self.chunker = Chunker(frame_rate, width, height, wake=bridge.wake) if mode == "v2v" else None
+        self.reading = False  # the remote track is being read
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = asyncio.Event()
         self.opened = asyncio.Event()  # the engine session exists (the remote track may come first)
@@ -123,7 +125,7 @@ class Session:
 
     async def open(self, params: dict[str, Any]) -> str:
         """The engine session; ValueError naming the field for bad params, SessionLimitError past the limit."""
-        self.sid = await self.bridge.open_session(UserParams().updated(params), self.mode)
+        self.sid = await self.bridge.open_session(UserParams().updated(params), self.mode, self.chunker)
         self.opened.set()
         self.spawn(self._pump(), "pump")
         return self.sid
@@ -189,39 +191,25 @@ class Session:
     # ---- input (v2v) --------------------------------------------------------------------------
 
     def attach_input(self, track: Any) -> None:
-        height, width = self.frame_size
-        self.chunker = Chunker(self.frame_rate, width, height)
+        """Read the remote track into the chunker, which the engine thread's feeder takes the newest frames
+        from when the engine wants them (the one feeder, as the CLI and the benchmarks use it)."""
+        if self.chunker is None or self.reading:
+            return
+        self.reading = True
         self.spawn(self._read_input(track), "ingress")
-        self.spawn(self._submit_input(), "submit")
 
     async def _read_input(self, track: Any) -> None:
         from aiortc.mediastreams import MediaStreamError
 
         assert self.chunker is not None
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                self.chunker.add(frame, time.monotonic())
-
-    async def _submit_input(self) -> None:
-        """Give the engine the newest frames when it has room for a chunk (the one feeder, as the CLI
-        and the benchmarks use it); until then the chunker keeps only the newest, so a live source
-        never builds latency."""
-        assert self.chunker is not None
-        await self.opened.wait()
-        feeder = Feeder(self.sid)
-        status: SessionStatus = await self.bridge.apply(Query(self.sid))
-        while True:
-            need = feeder.wanted(status)
-            if not need:
-                await asyncio.sleep(0.5 / self.frame_rate)
-                status = await self.bridge.apply(Query(self.sid))
-                continue
-            taken = await self.chunker.take(need)
-            result: Submitted = await self.bridge.apply(feeder.submit([f for f, _ in taken], [t for _, t in taken]))
-            if result.taken:
-                feeder.taken(len(taken))
-            status = result.status
+        try:
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    frame = await track.recv()
+                    self.chunker.add(frame, time.monotonic())
+        finally:
+            self.chunker.ended = True
+            self.bridge.wake()
 
     # ---- control channel ----------------------------------------------------------------------
 

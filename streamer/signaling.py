@@ -16,12 +16,12 @@ import aioice.ice
 import ifaddr
 from aiortc import RTCConfiguration, RTCIceServer, RTCSessionDescription
 
+from pipeline.commands import MODES
 from pipeline.types import UserParams
 
 MAX_SDP_BYTES = 64 * 1024
 MAX_MEDIA_SECTIONS = 4  # m-lines in an offer: video, the data channel, and room for audio
 MAX_CANDIDATES = 64  # a=candidate lines in an offer (a browser on a busy machine offers ~10)
-MODES = ("t2v", "v2v")
 
 
 class BadRequest(ValueError):

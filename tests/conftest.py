@@ -83,16 +83,15 @@ def status(engine, sid: str):
 
 
 def drain(engine) -> list:
-    """Step until nothing is left in flight or being decoded; every chunk that came out."""
-    out = []
-    while engine.has_work():
-        out += engine.step()
-    return out
+    """Step until nothing is left in flight or being decoded; every chunk that came out (the one feed loop)."""
+    from pipeline.feeder import Feeder
+
+    return Feeder(engine).drain()
 
 
 def executor(config, models, name: str = "streambatch", **kw):
     """The local executor by its benchmark name: ``streambatch`` (one forward per tick) or ``sequential``."""
-    from pipeline.executor import local_executor
+    from pipeline.stages.local import local_executor
 
     return local_executor(config, models, {"streambatch": "tick", "sequential": "slot"}[name], **kw)
 

@@ -29,9 +29,10 @@ from typing import Any
 
 from bench.latency.common import PROMPT, ROOT, in_engine_thread, run_async
 from bench.latency.served import Server, local_server, open_client
-from pipeline.commands import Close, Demand, Open
+from pipeline.commands import Close, Open
 from pipeline.config import SystemConfig
 from pipeline.engine import Engine
+from pipeline.feeder import Feeder
 from pipeline.models.loader import Models
 from pipeline.types import UserParams
 from streamer.app import STATE
@@ -82,16 +83,14 @@ def engine_window(config: SystemConfig, models: Models, seconds: float) -> Windo
     """The engine alone, one t2v session, chunks asked for ahead; counted after the pipeline is full."""
     engine = Engine(config, models, max_input_chunks=1)
     try:
-        sid = engine.apply(Open(UserParams(prompt=PROMPT, seed=0))).session_id
-        engine.apply(Demand(sid, engine.pipeline_depth + 2))
+        feeder = Feeder(engine)
+        sid = feeder.open(Open(UserParams(prompt=PROMPT, seed=0)), ahead=engine.pipeline_depth + 2).session_id
         while engine.stats.ticks < engine.pipeline_depth + 2:
-            engine.apply(Demand(sid, len(engine.step())))
+            feeder.step()
         meter = Meter()
         while meter.elapsed() < seconds:
-            out = engine.step()
-            engine.apply(Demand(sid, len(out)))
-            meter.frames += sum(c.num_frames for c in out)
-        engine.apply(Close(sid))
+            meter.frames += sum(c.num_frames for c in feeder.step().chunks)
+        feeder.apply(Close(sid))
     finally:
         engine.close()
     return meter.window()

@@ -7,9 +7,11 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from bench import frameid
 from bench.latency.common import DEFINITIONS, PROMPT, Trace, stage_summary
-from pipeline.commands import Close, Demand, Open, Query
+from pipeline.commands import Close, Open
 from pipeline.config import SystemConfig
 from pipeline.engine import Engine
 from pipeline.feeder import Feeder
@@ -18,8 +20,8 @@ from pipeline.types import DecodedChunk, UserParams
 
 
 class Camera:
-    """v2v input for the engine alone: numbered frames from a synthetic source at the model's fps, handed
-    over by the one feeder (:class:`pipeline.feeder.Feeder`), as the server and the CLI do.
+    """v2v input for the engine alone: numbered frames from a synthetic source at the model's fps, a
+    :class:`pipeline.feeder.FrameSource` the one feeder pulls from, as the server's and the CLI's sources are.
 
     ``max``: a frame is made the moment the engine wants it (the ceiling: no camera wait). ``realtime``:
     frame k exists from t0 + k/fps on; the newest waiting frames win, as the server's chunker does."""
@@ -29,7 +31,7 @@ class Camera:
         self.realtime = realtime
         self.t0: float | None = None
         self.made = 0  # source frames made
-        self.accepted = 0  # frames the engine took: output frame k is accepted frame k
+        self.accepted = 0  # frames handed to the engine: output frame k is accepted frame k
         self.dropped = 0  # realtime: frames the engine never took (newer ones won)
         self.waiting: deque[tuple[int, float]] = deque(maxlen=4 * config.frames_for_chunk(first=False))
         self.source_index: dict[int, int] = {}  # accepted index -> source index; popped on output
@@ -43,18 +45,20 @@ class Camera:
             self.waiting.append((k, self.t0 + k / self.fps))
         self.made = max(self.made, due)
 
-    def _batch(self, engine: Engine, want: int) -> list[tuple[int, float]] | None:
-        """The ``want`` frames to submit now, each (source index, arrival), or None to let the engine tick first."""
+    def _batch(self, want: int, wait: bool) -> list[tuple[int, float]]:
+        """The ``want`` frames to hand over now, each (source index, arrival); none while they are not made
+        yet, unless ``wait`` (the engine has nothing else to do: sleep until they are)."""
         now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
         if not self.realtime:
             batch = [(self.made + i, now) for i in range(want)]
             self.made += want
             return batch
         self._capture(now)
         if len(self.waiting) < want:
-            if engine.has_work():
-                return None
-            assert self.t0 is not None
+            if not wait:
+                return []
             time.sleep(max(0.0, self.t0 + (self.made + want - len(self.waiting) - 1) / self.fps - now))
             self._capture(time.monotonic())
         batch = list(self.waiting)[-want:]
@@ -62,20 +66,12 @@ class Camera:
         self.waiting.clear()
         return batch
 
-    def feed(self, engine: Engine, feeder: Feeder) -> None:
-        """Give the engine the frames it wants now (in real time: wait for them when nothing can run)."""
-        if self.t0 is None:
-            self.t0 = time.monotonic()
-        want = feeder.wanted(engine.apply(Query(feeder.session_id)))
-        batch = self._batch(engine, want) if want else None
-        if not batch:
-            return
-        frames = [frameid.draw(k, self.height, self.width) for k, _ in batch]
-        if engine.apply(feeder.submit(frames, [t for _, t in batch])).taken:
-            feeder.taken(len(batch))
-            for k, _ in batch:
-                self.source_index[self.accepted] = k
-                self.accepted += 1
+    def take(self, n: int, wait: bool) -> list[tuple[np.ndarray, float]]:
+        batch = self._batch(n, wait)
+        for k, _ in batch:
+            self.source_index[self.accepted] = k
+            self.accepted += 1
+        return [(frameid.draw(k, self.height, self.width), t) for k, t in batch]
 
 
 def record_chunk(trace: Trace, chunk: DecodedChunk, now: float, camera: Camera | None) -> int:
@@ -94,41 +90,39 @@ def record_chunk(trace: Trace, chunk: DecodedChunk, now: float, camera: Camera |
     return matched
 
 
+def feed(config: SystemConfig, engine: Engine, mode: str, camera: Camera | None) -> tuple[Feeder, str]:
+    """The session, opened through the one feeder: fed by ``camera`` (v2v), or kept ``steps + 2`` chunks ahead
+    (t2v: every slot of the pipeline busy)."""
+    feeder = Feeder(engine)
+    command = Open(UserParams(prompt=PROMPT, seed=0), mode)
+    opened = feeder.open(command, camera) if camera is not None else feeder.open(command, ahead=config.steps + 2)
+    return feeder, opened.session_id
+
+
 def warm_up(config: SystemConfig, models: Models, mode: str) -> float:
     """A throwaway session of ``steps + 3`` ticks, so that first-call costs stay out of the numbers."""
     engine = Engine(config, models, max_input_chunks=1)
     try:
-        sid = engine.apply(Open(UserParams(prompt=PROMPT), mode)).session_id
-        camera = Camera(config, realtime=False) if mode == "v2v" else None
-        if camera is None:
-            engine.apply(Demand(sid, config.steps + 3))
-        feeder = Feeder(sid)
+        feeder, _ = feed(config, engine, mode, Camera(config, realtime=False) if mode == "v2v" else None)
         t0 = time.perf_counter()
         while engine.stats.ticks < config.steps + 3:
-            if camera is not None:
-                camera.feed(engine, feeder)
-            engine.step()
+            feeder.step()
         return round(time.perf_counter() - t0, 3)
     finally:
         engine.close()
 
 
-def engine_loop(engine: Engine, sid: str, camera: Camera | None, trace: Trace, seconds: float) -> int:
-    """``step()`` until ``seconds`` of steady state, feeding (v2v) or asking for chunks (t2v); frames with ids back."""
+def engine_loop(feeder: Feeder, camera: Camera | None, trace: Trace, seconds: float) -> int:
+    """Steps of the one feeder until ``seconds`` of steady state; frames with their ids back."""
     deadline = trace.start + 60 + 4 * seconds
-    feeder = Feeder(sid)
     ids = 0
     while not trace.spans(seconds):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the engine put out {len(trace.events)} chunks before the deadline")
-        if camera is not None:
-            camera.feed(engine, feeder)
-        out = engine.step()
+        out = feeder.step()
         now = time.monotonic()
-        for chunk in out:
+        for chunk in out.chunks:
             ids += record_chunk(trace, chunk, now, camera)
-        if camera is None and out:
-            engine.apply(Demand(sid, len(out)))
     return ids
 
 
@@ -138,11 +132,9 @@ def run_engine_path(config: SystemConfig, models: Models, args: argparse.Namespa
     try:
         camera = Camera(config, realtime=args.engine_source == "realtime") if args.mode == "v2v" else None
         trace = Trace(time.monotonic())
-        sid = engine.apply(Open(UserParams(prompt=PROMPT, seed=0), args.mode)).session_id
-        if camera is None:
-            engine.apply(Demand(sid, config.steps + 2))  # enough to keep every slot of the pipeline busy
-        ids = engine_loop(engine, sid, camera, trace, args.seconds)
-        engine.apply(Close(sid))
+        feeder, sid = feed(config, engine, args.mode, camera)
+        ids = engine_loop(feeder, camera, trace, args.seconds)
+        feeder.apply(Close(sid))
     finally:
         engine.close()
     result = trace.summary(args.target_ms, "chunk")

@@ -28,8 +28,6 @@ from pipeline.models.vae import StreamingVae
 from pipeline.models.wan_original import is_original_layout, load_original_folder
 from pipeline.sampling import EulerSampler, FlowSampler, IdentitySampler
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
 
 @dataclass
 class Models:
@@ -173,7 +171,7 @@ def load_models(config: SystemConfig, random_weights: bool = False) -> Models:
     own source), or seeded random weights for a ``random`` preset or when ``random_weights`` asks
     for them (GPU speed benchmarks of a pretrained architecture: speed does not depend on values)."""
     preset = config.model
-    dtype = DTYPES[config.dtype]
+    dtype = config.torch_dtype
     if preset.kind == "passthrough":
         device = torch.device(config.device)
         dit = PassthroughDit(device, dtype)

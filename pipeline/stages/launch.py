@@ -2,9 +2,9 @@
 ``torchrun`` started them on one or many nodes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
 Stage 0 is the process that runs the engine (the CLI or the server). It hosts the rendezvous store,
-measures what each block and the decoder cost (once, after a warm-up), splits the blocks so that
-every stage costs about the same (the last, which also decodes, gets fewer), and tells every stage
-its blocks through the store (:class:`StagePlan`). Every stage loads the same model from the same
+splits the blocks so that every stage costs about the same (from what each block and the decoder cost,
+measured by :func:`pipeline.start.measure`; the last stage, which also decodes, gets fewer), and tells
+every stage its blocks through the store (:class:`StagePlan`). Every stage loads the same model from the same
 place (the preset's seeded weights, or ``--model``) and keeps only its own blocks.
 """
 
@@ -24,9 +24,8 @@ import torch
 
 from pipeline.config import SystemConfig
 from pipeline.decode import DecodePhase
-from pipeline.executor import LocalExecutor, local_executor
 from pipeline.models.loader import Models
-from pipeline.stages.balance import measure, split_blocks
+from pipeline.stages.balance import split_blocks
 from pipeline.stages.ring import RingExecutor
 from pipeline.stages.stage import Stage
 from pipeline.stages.transport import Board, Ring, StageFailure, connect, edge_groups, stage_device
@@ -65,22 +64,6 @@ def torchrun_ring(config: SystemConfig) -> Ring | None:
     return Ring(rank, world, stage_device(config.device, rank), addr, port)
 
 
-def make_executor(
-    config: SystemConfig,
-    models: Models,
-    stages: int = 1,
-    split: Sequence[int] | None = None,
-    timeout: float = STAGE_TIMEOUT_S,
-    log: Any = None,
-) -> LocalExecutor | RingExecutor:
-    """The engine's executor for ``stages``: this process alone (1), or a ring (see :func:`start_ring`)."""
-    if stages == 1 and torchrun_ring(config) is None:
-        if split is not None:
-            raise ValueError(f"split={','.join(map(str, split))} is not allowed with one stage")
-        return local_executor(config, models)
-    return start_ring(config, models, stages, split=split, timeout=timeout, log=log)
-
-
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -101,6 +84,7 @@ def start_ring(
     models: Models,
     stages: int,
     split: Sequence[int] | None = None,
+    costs: dict[str, Any] | None = None,
     random_weights: bool = False,
     threaded_decode: bool | None = None,
     keep_latents: bool = False,
@@ -110,7 +94,7 @@ def start_ring(
     """Stage 0 of a ring of ``stages`` processes: spawns the others on this machine (unless torchrun
     started them), hands every stage its blocks, and returns the engine's executor.
 
-    ``split``: blocks per stage (e.g. 10,12,8); None: balanced by measured cost."""
+    ``split``: blocks per stage (e.g. 10,12,8); else ``costs`` (:func:`pipeline.start.measure`) balance them."""
     num_blocks = models.dit.num_blocks
     if stages < 2:
         raise ValueError(f"stages={stages} is not allowed: a ring has at least 2 (1 stage is the local executor)")
@@ -128,12 +112,12 @@ def start_ring(
         store = connect(ring, backend_for(ring.device))
         groups = edge_groups(stages)
         threads = share_cores(ring)
-        costs: dict[str, Any] = {}
-        if split is None:
-            costs = measure(config, models)
+        if split is not None:
+            blocks, costs = blocks_of(split, num_blocks, stages), {}
+        elif costs is not None:
             blocks = split_blocks(costs, stages)
         else:
-            blocks = blocks_of(split, num_blocks, stages)
+            raise ValueError("a ring needs its blocks: split, or the measured costs to balance them by")
         threaded = config.threaded_decode if threaded_decode is None else threaded_decode
         plan = StagePlan(config, blocks, random_weights, threaded, keep_latents, max(2, config.max_sessions), timeout)
         store.set("plan", pickle.dumps(plan))  # type: ignore[arg-type]  # the store takes bytes too

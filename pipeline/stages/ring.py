@@ -10,7 +10,7 @@ Messages on the ring (:mod:`pipeline.stages.transport`), each in order on its li
 
 - ``work``: a :class:`~pipeline.stages.stage.MicroBatch` (its slots' envelopes and steps) and its
   activations, stage to stage;
-- ``result``: a micro-batch's velocity, last stage -> stage 0;
+- ``result``: a micro-batch's x0, last stage -> stage 0;
 - ``decoded``: a decoded chunk (envelope, pts, timing) and its frames, last stage -> stage 0;
 - ``control``: session changes (a cut's epoch, a close), sent at once, applied by every stage in
   order with the work around it; it goes no further than the last stage;
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.executor import Event, Velocity, split_slots
+from pipeline.executor import Activations, Control, Denoised, Event, MicroBatch, split_slots
 from pipeline.scheduler import TickPlan
-from pipeline.stages.stage import Activations, Control, MicroBatch, Stage
+from pipeline.stages.stage import Stage
 from pipeline.stages.transport import Board, Link, Message, Ring, StageFailure
 from pipeline.stats import PhaseTimer
 
@@ -127,7 +127,7 @@ class RingExecutor:
         if message.kind == "result":
             tick, index, self._tally = message.header
             self._out -= 1
-            self._events.append(Velocity(tick, index, message.tensors[0]))
+            self._events.append(Denoised(tick, index, message.tensors[0]))
         elif message.kind == "decoded":
             chunk, self._tally = message.header
             frames = message.tensors[0].cpu().numpy()
@@ -201,8 +201,8 @@ def run_stage(stage: Stage, ring: Ring, board: Board, groups: dict[tuple[int, in
                 with board.busy():
                     out = stage.run(mb, unpack(message.tensors))
                 if stage.last:
-                    assert out.velocity is not None
-                    link.send("result", (mb.tick, mb.index, tally()), [out.velocity])
+                    assert out.x0 is not None
+                    link.send("result", (mb.tick, mb.index, tally()), [out.x0])
                 else:
                     link.send("work", mb, pack(out))
             elif message.kind == "control":

@@ -1,7 +1,8 @@
 """A stage: a contiguous range of transformer blocks and the KV windows of those blocks (DESIGN §6).
 
-The first stage also embeds (x, σ, text -> hidden states), the last also runs the head (-> velocity),
-turns each chunk's last step into x0 and hands it to the decode phase. One process is the one-stage
+The first stage also embeds (x, σ, text -> hidden states), the last also runs the head and reads its output
+as x0 (the model's sampler: the only place that interprets the model's output), hands the x0 of each
+chunk's last step to the decode phase and returns every slot's x0. One process is the one-stage
 case: a single stage that is first and last and owns every block.
 
 A stage runs micro-batches in the order they come, tick after tick. Within a tick every slot reads
@@ -16,12 +17,11 @@ them in the same place of the stream of work, after the tick before them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pipeline.config import SystemConfig
 from pipeline.decode import DecodeJob, DecodePhase
+from pipeline.executor import Activations, Control, MicroBatch
 from pipeline.models.causal_wan import AttnBatch, Denoiser, apply_rope
 from pipeline.perstep import PerStepKV, StepCaches, rope_position
 from pipeline.sampling import FlowSampler
@@ -29,41 +29,6 @@ from pipeline.scheduler import Slot
 from pipeline.stats import PhaseTimer
 from pipeline.types import Envelope, stale
 from pipeline.window import KVWindow, sink_shift
-
-
-@dataclass(frozen=True)
-class Control:
-    """Session changes every stage applies, in order with the work around them."""
-
-    epochs: tuple[tuple[str, int], ...] = ()  # (session, its epoch) after a cut: KV windows and decoder start over
-    closed: tuple[str, ...] = ()  # sessions closed: everything of theirs is freed
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """Slots of one tick that travel the stages together."""
-
-    tick: int
-    index: int  # its place among the tick's micro-batches
-    slots: tuple[Slot, ...]
-    first_of_tick: bool
-    last_of_tick: bool  # after it, this tick's writes become visible
-    timing: tuple[tuple[float, tuple[float, ...]], ...]  # per slot: (scheduled_at, input arrival times)
-
-
-@dataclass
-class Activations:
-    """What passes from stage to stage for one micro-batch of B slots, on the stage's device."""
-
-    x: torch.Tensor  # [B, C, F, h, w] model dtype: each slot's input (the last stage makes x0 from it)
-    sigma: torch.Tensor  # [B] float32
-    text: torch.Tensor | None = None  # [B, Lt, Dt] text conditioning: into the first stage only
-    time: torch.Tensor | None = None  # [B] float32 the model's time input (None: 1000·σ): into the first stage only
-    hidden: torch.Tensor | None = None  # [B, L, E] between stages
-    temb: torch.Tensor | None = None  # [B, E]
-    tproj: torch.Tensor | None = None  # [B, 6, E]
-    enc: torch.Tensor | None = None  # [B, Lt, E] text states
-    velocity: torch.Tensor | None = None  # [B, C, F, h, w] out of the last stage
 
 
 class BatchKV:
@@ -265,7 +230,7 @@ class Stage:
 
     @torch.no_grad()
     def run(self, mb: MicroBatch, act: Activations) -> Activations:
-        """This stage's part of ``mb``: returns what the next stage needs (the last: the velocity)."""
+        """This stage's part of ``mb``: returns what the next stage needs (the last: each slot's x0)."""
         if self.config.context == "per-step":
             batch = perstep_batch(self.model, [self._caches(s.envelope) for s in mb.slots], mb.slots, self.config)
         else:
@@ -286,7 +251,8 @@ class Stage:
             act.hidden = model.run_blocks(act.hidden, act.enc, act.tproj, batch, self.blocks)
             if self.last:
                 assert act.temb is not None
-                act.velocity = model.head(act.hidden, act.temb, tuple(act.x.shape))
+                output = model.head(act.hidden, act.temb, tuple(act.x.shape))
+                act.x0 = self.sampler.x0(act.x, act.sigma, output)
                 act.hidden = act.temb = act.tproj = act.enc = None
         if mb.last_of_tick:
             for w, block, frames, k, v in self._held_back:
@@ -298,12 +264,12 @@ class Stage:
 
     def _decode(self, mb: MicroBatch, act: Activations) -> None:
         """Chunks whose last step this was leave clean: x0 to the decode phase."""
-        assert self.decoder is not None and act.velocity is not None
+        assert self.decoder is not None and act.x0 is not None
         jobs = []
         for i, slot in enumerate(mb.slots):
             if not slot.decodes:
                 continue
-            x0 = self.sampler.x0(act.x[i : i + 1], act.sigma[i : i + 1], act.velocity[i : i + 1])[0]
+            x0 = act.x0[i]
             ready = None
             if x0.device.type == "cuda":
                 ready = torch.cuda.Event()

@@ -402,7 +402,7 @@ def sample_grid(folder: Path, path: Path, prompts: list[str], chunks: int = 8) -
         for sid in ids:
             engine.apply(Demand(sid, chunks))
         while sum(len(v) for v in rows.values()) < chunks * len(prompts):
-            for c in engine.step():
+            for c in engine.step().chunks:
                 rows.setdefault(c.envelope.session_id, []).append(c.frames[-1])
     finally:
         engine.close()

@@ -17,7 +17,7 @@ def test_hard_cut_drops_old_epoch_and_restarts_from_empty_context():
     sid = open_t2v(engine, 20, prompt="before", seed=3)
     before = []
     while engine.stats.ticks < 6 or not before:  # some chunks out, later ones mid-way
-        before += engine.step()
+        before += engine.step().chunks
     in_flight = [c.envelope.chunk_index for c in engine.sessions[sid].in_flight]
     assert in_flight  # chunks of epoch 0 are mid-way
     done = engine.apply(Cut(sid, demand=3))  # 3 chunks in the new epoch
@@ -48,7 +48,7 @@ def test_soft_prompt_change_applies_from_the_next_chunk():
     sid = open_t2v(engine, 8, prompt="first")
     out = []
     while engine.stats.ticks < 3:
-        out += engine.step()
+        out += engine.step().chunks
     engine.apply(SetParams.of(sid, prompt="second"))
     out += drain(engine)
     prompts = [c.envelope.params.prompt for c in out]

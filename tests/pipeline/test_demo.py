@@ -374,13 +374,20 @@ def test_make_demo_command_writes_a_playable_video_of_the_prompt(tmp_path):
 
 
 def test_euler_step_keeps_the_noise_the_model_reads():
-    x, v = torch.tensor([[0.5, -1.0]]), torch.tensor([[2.0, 1.0]])
-    nxt = EulerSampler().next_input(x, torch.tensor([0.8]), v, 0.5, torch.full((1, 2), 9.0))
-    assert torch.allclose(nxt, torch.tensor([[-0.1, -1.3]]))  # x + (0.5 - 0.8)·v: the fresh noise is not used
-    x0, eps = x - 0.8 * v, x - 0.8 * v + v  # the same step as x0 and ε̂ = x0 + v, mixed at 0.5
+    x, v, sigma = torch.tensor([[0.5, -1.0]]), torch.tensor([[2.0, 1.0]]), torch.tensor([0.8])
+    euler = EulerSampler()
+    x0 = euler.x0(x, sigma, v)
+    assert torch.allclose(x0, torch.tensor([[-1.1, -1.8]]))  # x − σ·v
+    assert not euler.fresh_noise
+    nxt = euler.next_input(x, sigma, x0, 0.5, None)
+    assert torch.allclose(nxt, torch.tensor([[-0.1, -1.3]]))  # x + (0.5 - 0.8)·v: no fresh noise
+    eps = x0 + v  # the same step as x0 and ε̂ = x0 + v, mixed at 0.5
     assert torch.allclose(nxt, 0.5 * x0 + 0.5 * eps)
-    fresh = FlowSampler().next_input(x, torch.tensor([0.8]), v, 0.5, torch.full((1, 2), 9.0))
-    assert torch.allclose(fresh, 0.5 * x0 + 0.5 * 9.0)
+    flow = FlowSampler()
+    assert flow.fresh_noise
+    assert torch.allclose(flow.next_input(x, sigma, x0, 0.5, torch.full((1, 2), 9.0)), 0.5 * x0 + 0.5 * 9.0)
+    with pytest.raises(ValueError, match="fresh noise"):
+        flow.next_input(x, sigma, x0, 0.5, None)
 
 
 def test_an_x0_model_output_is_read_as_the_clean_latents():
@@ -388,13 +395,16 @@ def test_an_x0_model_output_is_read_as_the_clean_latents():
     ε̂ = (x − (1−σ)·x0)/σ."""
     x, out, sigma = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.1, 0.3]]), torch.tensor([0.8])
     sampler = EulerSampler("x0")
-    assert torch.equal(sampler.x0(x, sigma, out), out)
-    assert torch.allclose(sampler.velocity(x, sigma, out), torch.tensor([[0.5, -1.625]]))
-    nxt = sampler.next_input(x, sigma, out, 0.5, torch.full((1, 2), 9.0))
-    assert torch.allclose(nxt, torch.tensor([[0.35, -0.5125]]))  # x + (0.5 − 0.8)·(x − x0)/0.8
+    x0 = sampler.x0(x, sigma, out)
+    assert torch.equal(x0, out)
+    nxt = sampler.next_input(x, sigma, x0, 0.5, None)
+    assert torch.allclose(nxt, torch.tensor([[0.35, -0.5125]]))  # x + (0.5 − 0.8)·(x − x0)/0.8, v = [0.5, −1.625]
     eps = (x - 0.2 * out) / 0.8
     assert torch.allclose(nxt, 0.5 * out + 0.5 * eps)
-    assert torch.allclose(FlowSampler("x0").next_input(x, sigma, out, 0.5, torch.full((1, 2), 9.0)), 0.5 * out + 4.5)
+    flow = FlowSampler("x0")
+    assert torch.allclose(
+        flow.next_input(x, sigma, flow.x0(x, sigma, out), 0.5, torch.full((1, 2), 9.0)), 0.5 * out + 4.5
+    )
     # the same model output read as a velocity means something else
     assert not torch.allclose(EulerSampler().x0(x, sigma, out), out)
     with pytest.raises(ValueError, match="prediction='eps' is not allowed"):

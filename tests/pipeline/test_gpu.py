@@ -31,7 +31,7 @@ def test_streambatch_equals_reference_on_cuda(context):
     ids = [open_t2v(engine, 6, prompt=p, seed=i) for i, p in enumerate(["a", "b", "c"])]
     out = {}
     while engine.has_work():
-        for c in engine.step():
+        for c in engine.step().chunks:
             out.setdefault(c.envelope.session_id, []).append(c.latents)
     for i, (sid, p) in enumerate(zip(ids, ["a", "b", "c"], strict=True)):
         want = reference_session(models.dit, models.text, config, UserParams(prompt=p, seed=i), 6)
@@ -45,5 +45,5 @@ def test_bfloat16_engine_runs_on_cuda():
     open_t2v(engine, 8, prompt="x")
     frames = []
     while engine.has_work():
-        frames += [c.frames for c in engine.step()]
+        frames += [c.frames for c in engine.step().chunks]
     assert len(frames) == 8 and frames[-1].shape == (4, 64, 64, 3) and frames[-1].std() > 0

@@ -19,7 +19,7 @@ def test_passthrough_returns_every_frame_unchanged_through_the_whole_schedule():
         if n and sent < len(frames):
             assert submit(engine, sid, frames[sent : sent + n])
             sent += n
-        out += engine.step()
+        out += engine.step().chunks
     engine.close()
     assert engine.stats.slots > engine.stats.ticks  # a real StreamBatch: several slots per tick
     got = np.concatenate([c.frames for c in out])

@@ -16,10 +16,10 @@ from bench import parity
 from pipeline.commands import Cut
 from pipeline.config import ConfigError
 from pipeline.engine import Engine
-from pipeline.executor import local_executor
 from pipeline.models.loader import load_models
 from pipeline.perstep import StepCaches, rope_position
 from pipeline.sampling import table_sigma
+from pipeline.stages.local import local_executor
 from tests.conftest import drain, open_t2v, record_sdv2, tiny_config
 
 

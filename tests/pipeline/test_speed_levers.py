@@ -30,7 +30,7 @@ def stream_with_prompt_change(config):
     while engine.has_work():
         if engine.stats.ticks == 3:
             engine.apply(SetParams.of(a, prompt="a lighthouse at dusk"))
-        for c in engine.step():
+        for c in engine.step().chunks:
             out[c.envelope.session_id].append(c.latents)
     engine.close()
     return [torch.stack(out[a]), torch.stack(out[b])], models

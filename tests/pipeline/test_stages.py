@@ -17,6 +17,7 @@ from pipeline.models.loader import load_models
 from pipeline.scheduler import Slot
 from pipeline.stages.balance import split_blocks
 from pipeline.stages.launch import blocks_of, start_ring
+from pipeline.start import measure
 from pipeline.types import Envelope, UserParams
 from tests.conftest import executor, submit, tiny_config, with_layers
 
@@ -49,7 +50,7 @@ def scenario(engine: Engine) -> dict[tuple[str, int, int], tuple[np.ndarray, tor
             cut = True
         if b is not None and cut and fed >= len(frames) and not engine.has_work():
             break
-        for c in engine.step():
+        for c in engine.step().chunks:
             out[c.envelope.key] = (c.frames, c.latents)
     for sid in (a, b, v):
         assert sid is not None
@@ -75,7 +76,7 @@ def test_a_ring_of_gloo_processes_gives_the_frames_of_one_process(stages, contex
     one.close()
 
     models = load_models(config)  # the ring's stage 0 frees the blocks it does not own
-    ring = start_ring(config, models, stages, keep_latents=True)
+    ring = start_ring(config, models, stages, costs=measure(config, models), keep_latents=True)
     engine = Engine(config, models, executor=ring)
     try:
         got = scenario(engine)

@@ -24,7 +24,7 @@ def run_engine(engine, sessions, join_at):
                 engine.apply(Demand(ids[name], chunks))
         if len(ids) == len(sessions) and not engine.has_work():
             break
-        for c in engine.step():
+        for c in engine.step().chunks:
             out.setdefault(c.envelope.session_id, []).append(c)
     return {name: out[sid] for name, sid in ids.items()}
 

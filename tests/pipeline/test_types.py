@@ -2,7 +2,7 @@
 
 import math
 
-from pipeline.types import shown, within
+from pipeline.types import frame_pts, shown, within
 
 
 def test_shown_shortens_what_is_long_and_says_how_long():
@@ -25,3 +25,8 @@ def test_within_compares_before_converting_and_refuses_what_is_no_number():
     assert not within(math.nan, 0, 1) and not within(math.inf, 0, math.inf) and not within(-math.inf, -math.inf, 0)
     assert not within(True, 0, 1) and not within("0.5", 0, 1) and not within(None, 0, 1)
     assert within(3, 1, 5, integer=True) and not within(3.0, 1, 5, integer=True)
+
+
+def test_frame_pts_is_the_90_khz_clock():
+    assert [frame_pts(k, 16) for k in range(4)] == [0, 5625, 11250, 16875]
+    assert frame_pts(1, 30) == 3000 and frame_pts(7, 24) == 26250 and frame_pts(1, 7) == 12857  # floor
