@@ -4,7 +4,7 @@
 
 Streams are made by the real engine (configs/demo.yaml, StreamBatch, 4 sessions at a time) for a fixed set of
 prompts and seeds; every frame is read back by a detector that knows the world's palette and shapes
-(pipeline/train/shapes.py), so nothing here needs a person to look:
+(pipeline/shapes.py), so nothing here needs a person to look:
 
 - **background accuracy**: of the frames, those mostly of the prompt's background colour;
 - **colour accuracy**: of the frames, those where every prompted colour is there (an object of at least
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.train.shapes import (
+from pipeline.shapes import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,

@@ -8,8 +8,8 @@ client goes away or the server stops.
 Nothing a client does holds the server (the guarantees in the README): a slot is taken with no await
 between the check and the take; a session whose client has not connected (ICE and DTLS) within
 ``connect_timeout`` is closed; a connected client that vanishes is noticed by ICE consent checks
-(``signaling.use_consent_interval``); requests pass :mod:`streamer.guard` (Host, Origin, bodies) and
-control messages :mod:`streamer.datachannel` (size, before reassembly).
+(``rtc_internals.use_consent_interval``); requests pass :mod:`streamer.guard` (Host, Origin, bodies) and
+control messages :mod:`streamer.rtc_internals` (size, before reassembly).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pipeline.models.loader import Models, load_models
 from pipeline.models.text import WordTokenizer
 from pipeline.start import make_executor
 from streamer.bridge import EngineBridge
-from streamer.datachannel import bound_messages
 from streamer.guard import BODY_SECONDS, Access, error, middleware, normal_origin, read_json, server_names
+from streamer.rtc_internals import bound_messages
 from streamer.session import MAX_CONTROL_BYTES, Session
 from streamer.signaling import BadRequest, Offer, interface_addresses, parse_offer, rtc_configuration
 

@@ -54,7 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from streamer.app import ServerOptions, create_app
     from streamer.guard import normal_origin
-    from streamer.signaling import ice_addresses_for, use_consent_interval, use_ice_addresses
+    from streamer.rtc_internals import use_consent_interval, use_ice_addresses
+    from streamer.signaling import ice_addresses_for
 
     try:
         config = load_system_config(args.config, max_sessions=args.max_sessions, **model_flags(args))

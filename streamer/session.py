@@ -28,7 +28,7 @@ from streamer.reorder import Reorder
 
 log = logging.getLogger(__name__)
 
-MAX_CONTROL_BYTES = 16 * 1024  # also the data channels' a=max-message-size (streamer.datachannel)
+MAX_CONTROL_BYTES = 16 * 1024  # also the data channels' a=max-message-size (streamer.rtc_internals)
 CONTROL_WAITING = 256  # control messages waiting for their answer; past that one is answered "busy" at once
 # the control messages and their fields besides "type": (allowed, required); any other field is refused
 CONTROL_FIELDS: dict[str, tuple[set[str], set[str]]] = {
@@ -216,7 +216,7 @@ class Session:
     def attach_control(self, channel: RTCDataChannel) -> None:
         """Answer every message of the control channel. At most ``CONTROL_WAITING`` wait for their
         answer at once; a message past that is answered "busy" at once. One over ``MAX_CONTROL_BYTES``
-        is refused before it is reassembled (:mod:`streamer.datachannel`): answered, and the channel closed."""
+        is refused before it is reassembled (:mod:`streamer.rtc_internals`): answered, and the channel closed."""
         self.control = channel
 
         @channel.on("message")

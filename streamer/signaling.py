@@ -2,8 +2,8 @@
 
 aiortc gathers host candidates on every interface (and aioice leaves out 127.0.0.1), and contacts
 Google's STUN server when given no ICE servers at all. Here the ICE server list is explicit and
-empty by default, and the host addresses come from :func:`use_ice_addresses`: a server bound to a
-loopback host offers only loopback candidates, so it never exposes another interface.
+empty by default, and the host addresses come from :func:`streamer.rtc_internals.use_ice_addresses`: a
+server bound to a loopback host offers only loopback candidates, so it never exposes another interface.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-import aioice.ice
 import ifaddr
 from aiortc import RTCConfiguration, RTCIceServer, RTCSessionDescription
 
@@ -50,28 +49,6 @@ def ice_addresses_for(host: str, configured: list[str] | None) -> list[str]:
     if is_loopback(host):
         return ["127.0.0.1"]
     return [a for a in interface_addresses() if not ipaddress.ip_address(a).is_loopback]
-
-
-def use_ice_addresses(addresses: list[str]) -> None:
-    """Make every peer connection of this process gather host candidates on ``addresses`` only.
-
-    aiortc has no option for it; aioice looks the addresses up through this module function."""
-    chosen = list(addresses)
-
-    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
-
-    aioice.ice.get_host_addresses = get_host_addresses
-
-
-def use_consent_interval(seconds: int) -> None:
-    """How often ICE checks that the peer still consents (RFC 7675); after 6 failed checks in a row
-    the connection fails and the server closes the session, so a vanished client is noticed after
-    4.8 to 7.2 times ``seconds`` (the server's default, 1 s: within 15 s with room to spare).
-    aioice's 5 s keeps a vanished client's session (and its engine memory) for ~30 s."""
-    if not isinstance(seconds, int) or not 1 <= seconds <= 30:
-        raise ValueError(f"consent interval {seconds!r} s is not allowed: a whole number of seconds, 1 to 30")
-    aioice.ice.CONSENT_INTERVAL = seconds
 
 
 def rtc_configuration(ice_servers: list[str]) -> RTCConfiguration:

@@ -4,7 +4,6 @@ under ``unshare -n`` (a network namespace with only ``lo``) that also runs its o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -12,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from bench.latency.engine_path import warm_up
 from bench.latency.served import Server, local_server, sent_by_pts
 from pipeline.models.loader import load_models
 from streamer.app import STATE
-from streamer.signaling import use_ice_addresses
+from streamer.rtc_internals import recorded_rtp_origins, sender_ssrcs, use_ice_addresses
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -84,30 +82,6 @@ def browser_unavailable(chromium: str) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def recorded_rtp_origins() -> Iterator[list[int]]:
-    """Record aiortc's random RTP numbers (a sender's SSRCs and its timestamp origin) while inside.
-
-    aiortc sends a frame of pts p with RTP timestamp origin + p; the origin is drawn in the sender's RTP
-    loop and kept nowhere else, so it is recorded here to match Chromium's frames to the server's."""
-    import aiortc.rtcrtpsender as module
-
-    original = module.random32
-    values: list[int] = []
-
-    def recording() -> int:
-        value = original()
-        if len(values) < 64:
-            values.append(value)
-        return value
-
-    module.random32 = recording
-    try:
-        yield values
-    finally:
-        module.random32 = original
-
-
 def rtp_origin(server: Server, sid: str, values: list[int]) -> int | None:
     """The video sender's RTP timestamp origin: the recorded draw that is none of its SSRCs."""
     if server.app is None or sid not in server.app[STATE].sessions:
@@ -115,7 +89,7 @@ def rtp_origin(server: Server, sid: str, values: list[int]) -> int | None:
     senders = [s for s in server.app[STATE].sessions[sid].pc.getSenders() if s.kind == "video"]
     if len(senders) != 1:
         return None
-    candidates = [v for v in values if v not in (senders[0]._ssrc, senders[0]._rtx_ssrc)]
+    candidates = [v for v in values if v not in sender_ssrcs(senders[0])]
     return candidates[0] if len(candidates) == 1 else None
 
 

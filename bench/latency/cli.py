@@ -18,7 +18,8 @@ from bench.latency.report import build_report, plot, print_comparison, print_tab
 from bench.latency.served import webrtc_path
 from pipeline.config import SystemConfig
 from pipeline.models.loader import Models, load_models
-from streamer.signaling import ice_addresses_for, use_ice_addresses
+from streamer.rtc_internals import use_ice_addresses
+from streamer.signaling import ice_addresses_for
 
 
 def run_path(name: str, config: SystemConfig, models: Models, args: argparse.Namespace) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import sys
 from bench.latency.common import run_async
 from bench.latency.efficiency import inline_client
 from bench.latency.served import Server
-from streamer.signaling import use_ice_addresses
+from streamer.rtc_internals import use_ice_addresses
 
 
 def main(argv: list[str]) -> int:

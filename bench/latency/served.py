@@ -33,6 +33,7 @@ from pipeline.engine import Engine
 from pipeline.models.loader import Models
 from pipeline.types import PTS_CLOCK
 from streamer.app import STATE, ServerOptions, create_app
+from streamer.rtc_internals import on_rtp_packet
 from streamer.session import SentFrame
 
 
@@ -102,14 +103,11 @@ class PacketArrivals:
         self.times: dict[int, float] = {}
 
     def attach(self, receiver: Any) -> None:
-        original = receiver._handle_rtp_packet
+        on_rtp_packet(receiver, self._seen)
 
-        async def handle(packet: Any, arrival_time_ms: int) -> None:
-            if packet.marker:
-                self._record(packet.timestamp, time.monotonic())
-            await original(packet, arrival_time_ms=arrival_time_ms)
-
-        receiver._handle_rtp_packet = handle
+    def _seen(self, packet: Any) -> None:
+        if packet.marker:
+            self._record(packet.timestamp, time.monotonic())
 
     def _record(self, timestamp: int, when: float) -> None:
         if self.first is None:

@@ -22,7 +22,7 @@ from bench.soak.offers import offers
 from bench.soak.report import SCHEMA, failed_checks, git, machine, plot, print_summary
 from bench.soak.server import ROOT, ServerSpec, serve_flags
 from bench.soak.stream import long_stream
-from streamer.signaling import use_ice_addresses
+from streamer.rtc_internals import use_ice_addresses
 
 SCENARIOS = ("churn", "stream", "fuzz", "offers")
 EXIT_CHECK_FAILED, EXIT_FAILED = 1, 2

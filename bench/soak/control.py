@@ -2,7 +2,7 @@
 
 aiortc checks a message against the size the server advertises before sending it, and only encodes
 text as UTF-8: a hostile client does neither, so :func:`lift_send_limit` and :func:`send_raw` step
-around both (private aiortc state: this is a test client, never the server).
+around both (through :mod:`streamer.rtc_internals`, where every reach into aiortc's private parts is).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from streamer.rtc_internals import data_channels, ignore_send_limit
+from streamer.rtc_internals import send_raw as raw_send
+
 WEBRTC_STRING, WEBRTC_BINARY = 51, 53  # SCTP payload protocol ids of text and binary messages (RFC 8831)
 _flushes: set[asyncio.Future[None]] = set()  # raw sends in flight (a task needs an owner)
 MAX_REPLIES = 64  # replies waiting to be read; more are dropped (a fuzzer reads each before it sends again)
@@ -24,8 +27,7 @@ async def control_channel(pc: RTCPeerConnection, bound: float = 10.0) -> RTCData
     """The peer's open "control" channel (``bench.latency.served.new_peer`` made it), within ``bound`` s."""
     deadline = time.monotonic() + bound
     while time.monotonic() < deadline:
-        sctp = pc.sctp
-        for channel in [] if sctp is None else list(sctp._data_channels.values()):
+        for channel in data_channels(pc):
             if channel.label == "control" and channel.readyState == "open":
                 return channel
         await asyncio.sleep(0.05)
@@ -33,18 +35,13 @@ async def control_channel(pc: RTCPeerConnection, bound: float = 10.0) -> RTCData
 
 
 def lift_send_limit(pc: RTCPeerConnection) -> None:
-    """Let this client send messages of any size (0: no limit, in aiortc's reading of the SDP)."""
-    assert pc.sctp is not None
-    pc.sctp._remote_max_message_size = 0
+    """Let this client send messages of any size."""
+    ignore_send_limit(pc)
 
 
 def send_raw(pc: RTCPeerConnection, channel: RTCDataChannel, ppid: int, data: bytes) -> None:
     """Send ``data`` as one message with payload protocol ``ppid``, unchecked (text that is not UTF-8)."""
-    sctp = pc.sctp
-    assert sctp is not None
-    channel._addBufferedAmount(len(data))
-    sctp._data_channel_queue.append((channel, ppid, data))
-    flush = asyncio.ensure_future(sctp._data_channel_flush())
+    flush = raw_send(channel, ppid, data)
     _flushes.add(flush)
     flush.add_done_callback(_flushes.discard)
 

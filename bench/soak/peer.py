@@ -25,15 +25,13 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any
 
-import aioice.ice
 from aiortc import RTCSessionDescription
 
 from bench.latency.common import PROMPT, http_json, run_async
 from bench.latency.served import new_peer, open_client
 from bench.soak.control import Replies, control_channel, lift_send_limit
-from streamer.signaling import use_ice_addresses
+from streamer.rtc_internals import never_nominating, use_ice_addresses
 
 ROLES = ("receive", "hold", "big")
 
@@ -67,19 +65,12 @@ async def receive(base: str, seconds: float) -> None:
     await client.pc.close()
 
 
-def never_nominate() -> None:
-    """aioice's connectivity checks, without USE-CANDIDATE: the controlled side (the server) never
-    gets a nominated pair, while this side believes it has one."""
-    build = aioice.ice.Connection.build_request
-
-    def build_request(self: aioice.ice.Connection, pair: Any, nominate: bool) -> Any:
-        return build(self, pair, nominate=False)
-
-    aioice.ice.Connection.build_request = build_request  # type: ignore[method-assign]
-
-
 async def hold(base: str, seconds: float) -> None:
-    never_nominate()
+    with never_nominating():
+        await holding(base, seconds)
+
+
+async def holding(base: str, seconds: float) -> None:
     pc, _, _ = new_peer(None)
     try:
         await pc.setLocalDescription(await pc.createOffer())

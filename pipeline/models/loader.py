@@ -27,6 +27,7 @@ from pipeline.models.text import BYTE_TOKENIZER_FILE, WORD_TOKENIZER_FILE, ByteT
 from pipeline.models.vae import StreamingVae
 from pipeline.models.wan_original import is_original_layout, load_original_folder
 from pipeline.sampling import EulerSampler, FlowSampler, IdentitySampler
+from pipeline.shapes import vocabulary
 
 
 @dataclass
@@ -68,8 +69,6 @@ def streaming_codec(vae: AutoencoderKLWan | FrameAutoencoder) -> StreamingVae | 
 def random_tokenizer(preset: ModelPreset) -> ByteTokenizer | WordTokenizer:
     """The tokenizer of a preset's random weights: bytes, or the demo grammar's words."""
     if preset.tokenizer == "words":
-        from pipeline.train.shapes import vocabulary
-
         return WordTokenizer(vocabulary())
     return ByteTokenizer()
 

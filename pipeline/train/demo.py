@@ -1,4 +1,4 @@
-"""Train the embedded ``demo`` model on procedurally generated shapes (pipeline/train/shapes.py).
+"""Train the embedded ``demo`` model on procedurally generated shapes (pipeline/shapes.py).
 
     python -m pipeline.train.demo --minutes 40 --out runs/demo            # train; resumes if runs/demo has a checkpoint
     python -m pipeline.train.demo --minutes 40 --out runs/demo --export models/demo   # and write the shipped folder
@@ -50,7 +50,7 @@ from pipeline.models.frame_ae import FrameAutoencoder, to_groups
 from pipeline.models.loader import random_components
 from pipeline.models.text import WordTokenizer
 from pipeline.sampling import prediction_target, sigmas_from_timesteps
-from pipeline.train.shapes import Scene, caption, random_scene, render, trajectories, vocabulary
+from pipeline.shapes import Scene, caption, random_scene, render, trajectories, vocabulary
 
 PRESET = "demo"
 SIZE = 128  # training frames, the preset's default size
@@ -371,7 +371,7 @@ def export(folder: Path, dit: CausalWan, ae: FrameAutoencoder, text: UMT5Encoder
     commands = "\n".join(meta.get("commands") or ["(not recorded)"])
     (tmp / "README.md").write_text(
         "# The demo model's weights\n\n"
-        "Trained by this project on procedurally generated shapes (pipeline/train/shapes.py); the folder is in\n"
+        "Trained by this project on procedurally generated shapes (pipeline/shapes.py); the folder is in\n"
         "diffusers' Wan layout and loads with `--config configs/demo.yaml` (the preset's default source).\n\n"
         f"Made by (from the repository root):\n\n```sh\n{commands}\n```\n\n"
         f"{meta['ae_steps']} autoencoder steps, {meta['dit_steps']} DiT steps (batch {meta['batch']}), "

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from streamer.signaling import use_ice_addresses
+from streamer.rtc_internals import ignore_send_limit, use_ice_addresses
 from tests.e2e.test_webrtc import connect
 
 
@@ -22,7 +22,7 @@ async def main(base: str, size: int) -> None:
     use_ice_addresses(["127.0.0.1"])
     client = await connect(base)
     await client.frames(3)
-    client.pc.sctp._remote_max_message_size = None  # a hostile sender ignores the advertised limit
+    ignore_send_limit(client.pc)  # a hostile sender ignores the advertised limit
     print("sending", flush=True)
     client.control.send('"' + "x" * (size - 2) + '"')
     reply = await asyncio.wait_for(client.replies.get(), 60)

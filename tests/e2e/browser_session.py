@@ -19,7 +19,7 @@ from playwright.async_api import async_playwright
 from bench.browser import CHROMIUM_ARGS, bring_loopback_up
 from pipeline.config import CONFIG_DIR, load_system_config, replace
 from streamer.app import ServerOptions, create_app
-from streamer.signaling import use_ice_addresses
+from streamer.rtc_internals import use_ice_addresses
 
 
 async def decoded_frames(page: Any) -> int:

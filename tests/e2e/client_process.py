@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 from bench.latency.served import open_client
-from streamer.signaling import use_ice_addresses
+from streamer.rtc_internals import use_ice_addresses
 
 
 async def main(base: str) -> None:

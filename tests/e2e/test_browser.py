@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from bench.demo_quality import background_follows, detect, frame_follows
-from pipeline.train.shapes import parse_caption
+from pipeline.shapes import parse_caption
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"

@@ -22,7 +22,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, V
 from bench import frameid
 from pipeline.config import CONFIG_DIR, SystemConfig, load_system_config
 from streamer.app import STATE, ServerOptions, create_app
-from streamer.signaling import use_consent_interval, use_ice_addresses
+from streamer.rtc_internals import use_consent_interval, use_ice_addresses
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow

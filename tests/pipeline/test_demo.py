@@ -36,8 +36,7 @@ from pipeline.models.loader import load_models
 from pipeline.models.text import TextEncoder, WordTokenizer
 from pipeline.reference import forward_one, reference_session, split_frames
 from pipeline.sampling import EulerSampler, FlowSampler
-from pipeline.train import demo
-from pipeline.train.shapes import (
+from pipeline.shapes import (
     CANONICAL,
     CANONICAL_SIZE,
     SHAPES,
@@ -50,6 +49,7 @@ from pipeline.train.shapes import (
     trajectories,
     vocabulary,
 )
+from pipeline.train import demo
 from pipeline.types import UserParams
 from tests.conftest import drain, open_t2v, run_streamer
 from tests.conftest import executor as make_executor

@@ -1,11 +1,16 @@
-"""streamer.datachannel with two real aiortc peers on loopback: what it advertises and what it refuses."""
+"""streamer.rtc_internals' bounded data channels with two real aiortc peers on loopback: what they advertise and
+what they refuse; and the check that every private part of aiortc used is where it was."""
 
 import asyncio
+import re
+import subprocess
 
-from aiortc import RTCConfiguration, RTCPeerConnection, rtcsctptransport
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
 
-from streamer.datachannel import bound_messages
-from streamer.signaling import use_ice_addresses
+from streamer import rtc_internals
+from streamer.rtc_internals import WEBRTC_STRING, bound_messages, ignore_send_limit, send_raw, use_ice_addresses
+from tests.conftest import ROOT
 
 LIMIT = 4096
 
@@ -42,13 +47,12 @@ def test_a_message_at_the_limit_passes_one_over_is_refused_before_reassembly():
     async def main() -> None:
         sender, receiver, channels = await pair()
         try:
-            sender.sctp._remote_max_message_size = None  # a hostile sender ignores what was advertised
+            ignore_send_limit(sender)  # a hostile sender ignores what was advertised
             out, _, messages, refused = await opened(sender, channels, "control")
             out.send("a" * LIMIT)
             assert await asyncio.wait_for(messages.get(), 10) == "a" * LIMIT
             # text that is not UTF-8 reaches the channel as bytes; aiortc alone raised and ended the connection
-            out.transport._data_channel_queue.append((out, rtcsctptransport.WEBRTC_STRING, b"\xff{}"))
-            await out.transport._data_channel_flush()
+            await send_raw(out, WEBRTC_STRING, b"\xff{}")
             assert await asyncio.wait_for(messages.get(), 10) == b"\xff{}"
             out.send("still open")
             assert await asyncio.wait_for(messages.get(), 10) == "still open"
@@ -67,3 +71,36 @@ def test_a_message_at_the_limit_passes_one_over_is_refused_before_reassembly():
             await receiver.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_every_private_part_of_aiortc_used_is_there():
+    rtc_internals.check()
+
+
+def test_the_check_fails_loudly_when_a_part_is_gone(monkeypatch):
+    monkeypatch.delattr(rtc_internals.RTCRtpReceiver, "_handle_rtp_packet")
+    monkeypatch.setitem(rtc_internals.SUPPORTED, "aiortc", "9.9")
+    with pytest.raises(
+        RuntimeError, match=r"aiortc 1\.16\.\d+ is installed; .*written for 9\.9\.x.*_handle_rtp_packet"
+    ):
+        rtc_internals.check()
+
+
+# what reaching into aiortc's or aioice's private parts looks like in a file
+PRIVATE = re.compile(
+    r"sctp\._|\._ssrc|_rtx_ssrc|_handle_rtp_packet|_remote_max_message_size|_data_channel|_addBufferedAmount"
+    r"|aioice\.ice\.|rtcsctptransport|rtcrtpsender|RTCSctpTransport\._"
+)
+
+
+def test_nothing_but_the_adapter_reaches_into_aiortc():
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    mine = {"streamer/rtc_internals.py", "tests/streamer/test_datachannel.py"}
+    found = []
+    for name in listed.stdout.split():
+        if name in mine or not (ROOT / name).is_file():
+            continue
+        for number, line in enumerate((ROOT / name).read_text().splitlines(), 1):
+            if PRIVATE.search(line):
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
