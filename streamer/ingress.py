@@ -170,19 +170,14 @@ class LiveSource:
         return (frame for frame, _ in self.timed())
 
     def take(self, n: int, wait: bool) -> list[tuple[np.ndarray, float]] | None:
-        """The newest ``n`` frames waiting, dropping (and counting) older ones; ``[]`` while fewer than ``n`` wait,
-        unless ``wait`` (the engine has nothing else to do), which blocks until they come; what is left once
-        the input ends, then None."""
+        """The next ``n`` frames waiting (the reader keeps at most ``max_frames``: older ones were dropped);
+        ``[]`` while fewer than ``n`` wait, unless ``wait`` (the engine has nothing else to do), which blocks
+        until they come; what is left once the input ends, then None."""
         with self._cond:
             if wait:
                 self._cond.wait_for(lambda: len(self._frames) >= n or self._ended)
             if len(self._frames) >= n:
-                while len(self._frames) > n:
-                    self._frames.popleft()
-                    self.dropped += 1
-                frames = list(self._frames)
-                self._frames.clear()
-                return frames
+                return [self._frames.popleft() for _ in range(n)]
             if not self._ended:
                 return []
             if self._error is not None:

@@ -420,7 +420,7 @@ def writers(path, *args, **kw):
 
 def test_a_failed_output_is_removed_at_once_and_the_others_go_on(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("streamer.run.FileWriter", writers)
+    monkeypatch.setattr("streamer.run.outputs.FileWriter", writers)
     monkeypatch.setattr(Watching, "seen", None)
     assert main(["run", "--frames", "300", "--out", "bad.mp4", "--also-record", "good.mp4", "--quiet", *SMALL]) == 3
     said = capsys.readouterr().err
@@ -435,7 +435,7 @@ def test_a_failed_output_is_removed_at_once_and_the_others_go_on(tmp_path, monke
 
 def test_when_every_output_failed_generation_stops(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("streamer.run.FileWriter", writers)
+    monkeypatch.setattr("streamer.run.outputs.FileWriter", writers)
     assert main(["run", "--frames", "4000", "--out", "bad1.mp4", "--out", "bad2.webm", "--quiet", *SMALL]) == 3
     said = capsys.readouterr().err
     last = [line for line in said.splitlines() if line.startswith("streamer: error:")]

@@ -50,6 +50,19 @@ def test_a_consumer_that_keeps_up_gets_every_frame_and_errors_surface():
         list(broken)
 
 
+def test_the_feeder_takes_what_waits_and_waits_only_when_it_may():
+    live = LiveSource(SlowSource(10, 0.02), max_frames=8)  # type: ignore[arg-type]
+    assert live.take(4, wait=False) == []  # none there yet, and the engine has other work
+    got = live.take(4, wait=True)  # nothing else to do: wait for them
+    assert got is not None and [int(f[0, 0, 0]) for f, _ in got] == [0, 1, 2, 3]
+    assert all(t > 0 for _, t in got)  # each with its arrival time
+    rest = []
+    while (more := live.take(4, wait=True)) is not None:
+        rest += [int(f[0, 0, 0]) for f, _ in more]
+    assert rest == list(range(4, 10))  # the last 2 after the end, then None
+    assert live.take(4, wait=False) is None
+
+
 def test_what_counts_as_live(tmp_path):
     fifo = tmp_path / "feed"
     os.mkfifo(fifo)
@@ -84,3 +97,20 @@ def test_v2v_from_a_live_pipe(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "(live)" in r.stderr and "frames dropped (newest frames win)" in r.stderr
     assert count_frames(out) == 32  # 2 s at 16 fps
+
+
+def test_the_server_chunker_never_blocks_gives_the_newest_and_wakes_the_engine():
+    import av
+
+    from streamer.chunker import Chunker
+
+    woken = []
+    chunker = Chunker(fps=10, width=16, height=16, max_frames=6, wake=lambda: woken.append(1))
+    for i in range(5):
+        chunker.add(av.VideoFrame.from_ndarray(np.full((16, 16, 3), i * 10, np.uint8), format="rgb24"), i * 0.1)
+    assert len(woken) == 5  # every frame wakes the engine thread
+    assert chunker.take(8, wait=True) == []  # fewer than asked: never waits (the engine thread serves others)
+    got = chunker.take(3)
+    assert got is not None and [int(f[0, 0, 0]) for f, _ in got] == [20, 30, 40] and chunker.dropped == 2  # newest
+    chunker.ended = True
+    assert chunker.take(1) is None
