@@ -35,6 +35,7 @@ from diffusers import WanTransformer3DModel
 from pipeline.commands import Demand, Open
 from pipeline.config import build_system_config, load_model_preset
 from pipeline.engine import Engine
+from pipeline.feeder import Feeder
 from pipeline.models.causal_wan import CausalWan
 from pipeline.models.convert import wan_original_to_diffusers
 from pipeline.models.loader import Models, cast, random_components
@@ -177,11 +178,8 @@ def run(bundle_path: str, dtype: str = "float32") -> dict[str, Any]:
     # the first chunk, then those that leave within their calls (later ones never touch these: a chunk
     # reads only what earlier chunks wrote at its level)
     engine.apply(Demand(sid, 1 + calls - (steps - 1)))
-    got: dict[int, torch.Tensor] = {}
     t0 = time.perf_counter()
-    while engine.has_work():
-        for chunk in engine.step().chunks:
-            got[chunk.envelope.chunk_index] = chunk.latents
+    got: dict[int, torch.Tensor] = {c.envelope.chunk_index: c.latents for c in Feeder(engine).drain()}
     seconds = time.perf_counter() - t0
     engine.close()
     rows = []

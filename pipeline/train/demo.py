@@ -389,6 +389,7 @@ def sample_grid(folder: Path, path: Path, prompts: list[str], chunks: int = 8) -
 
     from pipeline.commands import Demand, Open
     from pipeline.engine import Engine
+    from pipeline.feeder import Feeder
     from pipeline.models.loader import load_models
     from pipeline.types import UserParams
 
@@ -401,9 +402,8 @@ def sample_grid(folder: Path, path: Path, prompts: list[str], chunks: int = 8) -
             ids[engine.apply(Open(UserParams(prompt=p, seed=i))).session_id] = p
         for sid in ids:
             engine.apply(Demand(sid, chunks))
-        while sum(len(v) for v in rows.values()) < chunks * len(prompts):
-            for c in engine.step().chunks:
-                rows.setdefault(c.envelope.session_id, []).append(c.frames[-1])
+        for c in Feeder(engine).drain():
+            rows.setdefault(c.envelope.session_id, []).append(c.frames[-1])
     finally:
         engine.close()
     grid = np.concatenate([np.concatenate(rows[sid], axis=1) for sid in ids], axis=0)
