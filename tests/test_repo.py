@@ -13,7 +13,7 @@ OUTSIDE = re.compile(r"\.\./shared|(?<![\w.:/])/(?:work|root|home|Users|tmp|mnt|
 
 def tracked_text_files() -> list[str]:
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    return [name for name in listed.decode().split("\0") if name and name != "tests/test_repo.py"]
+    return [name for name in listed.decode().split("\0") if name]  # this file too: it names nothing it looks for
 
 
 def test_no_file_names_a_path_outside_the_repository():
@@ -30,7 +30,14 @@ def test_no_file_names_a_path_outside_the_repository():
 
 
 def test_the_pattern_finds_what_it_is_for():
-    for bad in ("../shared/peers/sdv2", "SDV2_SRC=/work/sdv2/src", "--json /root/out/x.json", "'/tmp/soak'"):
+    # written in pieces, so that this file does not name what it looks for
+    bad_lines = (
+        ".." + "/shared/peers/sdv2",
+        "SDV2_SRC=/" + "work/sdv2/src",
+        "--json /" + "root/out/x.json",
+        "'/" + "tmp/soak'",
+    )
+    for bad in bad_lines:
         assert OUTSIDE.search(bad), bad
     for fine in ("bench/results/x.json", "rtmp://host/live/key", "http://127.0.0.1:8080/api/home/", "$OUT/x.json"):
         assert not OUTSIDE.search(fine), fine
