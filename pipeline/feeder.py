@@ -55,7 +55,7 @@ class FrameSource(Protocol):
     """A v2v session's input, as the feeder pulls it."""
 
     def take(self, n: int, wait: bool) -> Frames | None:
-        """``n`` frames, the next ones (a live source: the newest, dropping older ones), or fewer when the
+        """``n`` frames, the next ones (a live source keeps only recent ones: the newest win), or fewer when the
         source ends with them; ``[]`` when they are not there yet; None once it has ended and nothing is
         left. ``wait``: the engine has nothing else to do, so the call may block until they come."""
         ...
@@ -84,8 +84,10 @@ class Feeder:
 
     def open(self, command: Open, source: FrameSource | None = None, ahead: int | None = None) -> Opened:
         """Open a session fed from ``source`` (v2v) or kept ``ahead`` chunks ahead (t2v)."""
-        if (source is None) != (command.mode != "v2v") or (ahead is not None and command.mode != "t2v"):
-            raise ValueError(f"a {command.mode} session is fed by {'a source' if command.mode == 'v2v' else 'demand'}")
+        if command.mode == "v2v" and (source is None or ahead is not None):
+            raise ValueError("a v2v session is fed by a source (its frames), not kept chunks ahead")
+        if command.mode != "v2v" and source is not None:
+            raise ValueError(f"a {command.mode} session is fed by demand (ahead, or Demand commands), not a source")
         if ahead is not None and ahead < 1:
             raise ValueError(f"ahead={ahead} is not allowed: at least one chunk")
         opened = self.apply(command)
@@ -191,7 +193,6 @@ class Feeder:
             if not frames:
                 return  # not there yet
             taken = self.apply(Submit(sid, np.stack([f for f, _ in frames]), tuple(float(t) for _, t in frames)))
-            assert isinstance(taken, Submitted)
             if not taken.taken:
                 raise RuntimeError(f"the engine refused {len(frames)} frames it asked for (session {sid})")
             inlet.given += len(frames)

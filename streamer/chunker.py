@@ -19,6 +19,7 @@ from collections.abc import Callable
 import av
 import numpy as np
 
+from pipeline.feeder import Frames
 from streamer.ingress import fit
 
 
@@ -56,7 +57,7 @@ class Chunker:
         if self._wake is not None:
             self._wake()
 
-    def take(self, n: int, wait: bool = False) -> list[tuple[np.ndarray, float]] | None:
+    def take(self, n: int, wait: bool = False) -> Frames | None:
         """``n`` consecutive frames, the newest ones, each with its arrival time, dropping (and counting) any
         older frames still waiting, so a lagging consumer skips ahead instead of falling behind; ``[]`` while
         fewer than ``n`` wait (never blocks, whatever ``wait`` says: the engine thread serves every session).

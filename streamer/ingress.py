@@ -22,6 +22,7 @@ import av
 import numpy as np
 
 from pipeline.config import SystemConfig
+from pipeline.feeder import Frames
 
 
 class InputError(ValueError):
@@ -105,7 +106,7 @@ class VideoFileSource:
         """Each frame with the time it was read (a file has no other arrival)."""
         return ((frame, time.monotonic()) for frame in self)
 
-    def take(self, n: int, wait: bool) -> list[tuple[np.ndarray, float]] | None:
+    def take(self, n: int, wait: bool) -> Frames | None:
         """The next ``n`` frames (fewer at the end; None after it): a file is read as fast as it is asked."""
         if self._timed is None:
             self._timed = self.timed()
@@ -169,7 +170,7 @@ class LiveSource:
     def __iter__(self) -> Iterator[np.ndarray]:
         return (frame for frame, _ in self.timed())
 
-    def take(self, n: int, wait: bool) -> list[tuple[np.ndarray, float]] | None:
+    def take(self, n: int, wait: bool) -> Frames | None:
         """The next ``n`` frames waiting (the reader keeps at most ``max_frames``: older ones were dropped);
         ``[]`` while fewer than ``n`` wait, unless ``wait`` (the engine has nothing else to do), which blocks
         until they come; what is left once the input ends, then None."""

@@ -7,14 +7,12 @@ import time
 from collections import deque
 from typing import Any
 
-import numpy as np
-
 from bench import frameid
 from bench.latency.common import DEFINITIONS, PROMPT, Trace, stage_summary
 from pipeline.commands import Close, Open
 from pipeline.config import SystemConfig
 from pipeline.engine import Engine
-from pipeline.feeder import Feeder
+from pipeline.feeder import Feeder, Frames
 from pipeline.models.loader import Models
 from pipeline.types import DecodedChunk, UserParams
 
@@ -66,7 +64,7 @@ class Camera:
         self.waiting.clear()
         return batch
 
-    def take(self, n: int, wait: bool) -> list[tuple[np.ndarray, float]]:
+    def take(self, n: int, wait: bool) -> Frames:
         batch = self._batch(n, wait)
         for k, _ in batch:
             self.source_index[self.accepted] = k

@@ -53,6 +53,8 @@ class AttnBatch:
     key_lengths: tuple[int, ...] | None = None
     # per slot, what names its text states (the prompt) for the text K/V cache; None: not cached
     text_keys: tuple[Hashable, ...] | None = None
+    # per slot, its time input as a number (Slot.model_time): one time embedding per value; None: one per slot
+    time_keys: tuple[Hashable, ...] | None = None
 
 
 class Denoiser(Protocol):
@@ -75,7 +77,12 @@ class Denoiser(Protocol):
     def time_shift(self, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def embed(
-        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor, text_keys: tuple[Hashable, ...] | None = None
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        text: torch.Tensor,
+        text_keys: tuple[Hashable, ...] | None = None,
+        time_keys: tuple[Hashable, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """time [B]: the timestep input (1000·σ) -> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E],
         text states [B, Lt, E]."""
@@ -267,11 +274,13 @@ class CausalWan(torch.nn.Module):
         time: torch.Tensor,
         text: torch.Tensor,
         text_keys: tuple[Hashable, ...] | None = None,
+        time_keys: tuple[Hashable, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, C, F, h, w], time [B] (the timestep input: 1000·σ, or the raw timestep under the
         ``table`` rule), text [B, Lt, text_dim] -> hidden [B, L, E], temb [B, E], timestep_proj [B, 6, E],
         text states [B, Lt, E]. With the text cache on and ``text_keys`` naming each slot's text (its
-        prompt), the text states are made once per prompt (the text embedder over Lt tokens), not per slot."""
+        prompt), the text states are made once per prompt (the text embedder over Lt tokens), not per slot;
+        ``time_keys`` (each slot's time input as a number) likewise makes each time embedding once per value."""
         t = self.transformer
         hidden = patch_embed(t.patch_embedding, x)  # [B, L, E]
         text = text.to(self.dtype)
@@ -280,7 +289,7 @@ class CausalWan(torch.nn.Module):
             return hidden, temb, tproj.unflatten(1, (6, -1)), enc
         if len(text_keys) != len(text):
             raise ValueError(f"{len(text_keys)} text keys for a batch of {len(text)} slots")
-        temb, tproj = self.time_embedding(time)
+        temb, tproj = self.time_embedding(time, time_keys)
         states = {}
         for i, key in enumerate(text_keys):
             if key not in states:
@@ -296,18 +305,23 @@ class CausalWan(torch.nn.Module):
             enc = torch.stack([states[k] for k in text_keys])
         return hidden, temb, tproj.unflatten(1, (6, -1)), enc
 
-    def time_embedding(self, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def time_embedding(
+        self, time: torch.Tensor, keys: tuple[Hashable, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """temb [B, E] and timestep_proj [B, 6·E] of each slot's time input [B] (diffusers' condition embedder,
-        its time part), each slot's computed alone: the CPU's GEMM rounds a row differently for 1 to 11 rows
-        than for more, so a slot's embedding would otherwise depend on how many slots share its micro-batch."""
+        its time part), each computed alone: the CPU's GEMM rounds a row differently for 1 to 11 rows than for
+        more, so a slot's embedding would otherwise depend on how many slots share its micro-batch. ``keys``
+        (each slot's time input as a number) compute each distinct value once; without them, every slot."""
         ce = self.transformer.condition_embedder
         dtype = next(iter(ce.time_embedder.parameters())).dtype
-        out = []
-        for i in range(len(time)):
-            temb = ce.time_embedder(ce.timesteps_proj(time[i : i + 1].to(torch.float32)).to(dtype)).to(self.dtype)
-            out.append((temb, ce.time_proj(ce.act_fn(temb))))
-        temb, tproj = zip(*out, strict=True)
-        return torch.cat(temb), torch.cat(tproj)
+        slots: tuple[Hashable, ...] = keys if keys is not None else tuple(range(len(time)))
+        made: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, key in enumerate(slots):
+            if key not in made:
+                one = time[i : i + 1].to(torch.float32)
+                temb = ce.time_embedder(ce.timesteps_proj(one).to(dtype)).to(self.dtype)
+                made[key] = (temb, ce.time_proj(ce.act_fn(temb)))
+        return torch.cat([made[k][0] for k in slots]), torch.cat([made[k][1] for k in slots])
 
     def run_blocks(
         self, hidden: torch.Tensor, enc: torch.Tensor, tproj: torch.Tensor, batch: AttnBatch, blocks: range

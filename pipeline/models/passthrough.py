@@ -58,7 +58,12 @@ class PassthroughDit(torch.nn.Module):
         return ones, torch.zeros_like(ones)
 
     def embed(
-        self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor, text_keys: tuple[Hashable, ...] | None = None
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        text: torch.Tensor,
+        text_keys: tuple[Hashable, ...] | None = None,
+        time_keys: tuple[Hashable, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [B, L, 1] zeros (one token per latent pixel), and one-wide stand-ins for the rest."""
         b, _, f, h, w = x.shape

@@ -240,12 +240,14 @@ class Stage:
             batch = attn_batch(self.model, kv, mb.slots, self.config)
         # each slot's text states are its prompt's (Engine._enter): the prompt names them for the text K/V cache
         batch.text_keys = tuple(s.envelope.params.prompt for s in mb.slots)
+        batch.time_keys = tuple(s.model_time for s in mb.slots)
         model = self.model
         with self.timer.phase("dit"):
             if self.first:
                 assert act.text is not None
-                time = act.sigma * 1000.0 if act.time is None else act.time
-                act.hidden, act.temb, act.tproj, act.enc = model.embed(act.x, time, act.text, batch.text_keys)
+                # the engine's time input is each slot's model_time: those numbers name its values
+                time, keys = (act.sigma * 1000.0, None) if act.time is None else (act.time, batch.time_keys)
+                act.hidden, act.temb, act.tproj, act.enc = model.embed(act.x, time, act.text, batch.text_keys, keys)
                 act.text = act.time = None
             assert act.hidden is not None and act.enc is not None and act.tproj is not None
             act.hidden = model.run_blocks(act.hidden, act.enc, act.tproj, batch, self.blocks)
