@@ -1,7 +1,7 @@
 """Every use of aiortc's and aioice's private parts, in this one module, for the versions it was read from.
 
 Nothing else in the project touches an underscore name of theirs or replaces one of their functions
-(tests/streamer/test_rtc_internals.py scans for it); :func:`check` finds every one of them in the installed
+(tests/streamer/test_datachannel.py scans for it); :func:`check` finds every one of them in the installed
 versions and fails loudly, naming what is gone, when an upgrade moves it (the versions are pinned in
 pyproject.toml: :data:`SUPPORTED`). What is here:
 

@@ -117,7 +117,6 @@ class Session:
         self.reading = False  # the remote track is being read
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = asyncio.Event()
-        self.opened = asyncio.Event()  # the engine session exists (the remote track may come first)
         self.connected = asyncio.Event()  # ICE and DTLS are up (pc.connectionState reached "connected")
         self.control: RTCDataChannel | None = None
         self._control_waiting = 0  # control messages being answered
@@ -126,7 +125,6 @@ class Session:
     async def open(self, params: dict[str, Any]) -> str:
         """The engine session; ValueError naming the field for bad params, SessionLimitError past the limit."""
         self.sid = await self.bridge.open_session(UserParams().updated(params), self.mode, self.chunker)
-        self.opened.set()
         self.spawn(self._pump(), "pump")
         return self.sid
 
